@@ -1,0 +1,1 @@
+"""Distributed Reptile meta-learning on Ray."""

@@ -1,0 +1,98 @@
+"""N-way K-shot classification over a class-indexed image table.
+
+Composed from small steps in the manner of learn2learn: pick N distinct classes (`sample_ways`),
+pick K distinct images in each (`sample_shots`), remap labels to 0..N-1 in draw order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from reptile_dist.tasks.base import Task
+
+
+@dataclass(frozen=True)
+class ImageClass:
+    """A class: the table rows of one character, seen at one rotation (multiple of 90 degrees)."""
+
+    rows: np.ndarray
+    rotation: int = 0
+
+
+@dataclass
+class ImageClasses:
+    """Images (n, H, W) uint8, possibly memory-mapped, and the classes of each split."""
+
+    images: np.ndarray
+    splits: dict[str, list[ImageClass]]
+    image_size: int = 28
+
+    def check(self, ways: int, images_per_class: int) -> None:
+        """Raise ValueError naming the field if a split cannot supply the tasks asked for."""
+        for name, classes in self.splits.items():
+            if not classes:
+                continue
+            if ways > len(classes):
+                raise ValueError(f"ways={ways} is larger than the {len(classes)} classes of split '{name}'")
+            fewest = min(len(c.rows) for c in classes)
+            if images_per_class > fewest:
+                raise ValueError(
+                    f"shots + queries = {images_per_class} exceed the {fewest} images per class of split '{name}'"
+                )
+
+
+def sample_ways(rng: np.random.Generator, classes: list[ImageClass], ways: int) -> list[ImageClass]:
+    return [classes[i] for i in rng.choice(len(classes), size=ways, replace=False)]
+
+
+def sample_shots(rng: np.random.Generator, cls: ImageClass, count: int) -> np.ndarray:
+    return rng.choice(cls.rows, size=count, replace=False)
+
+
+def load_images(images: np.ndarray, rows: np.ndarray, rotation: int) -> np.ndarray:
+    """float32 (n, 1, H, W) in [0, 1], rotated counter-clockwise by `rotation` degrees."""
+    batch = images[rows]
+    if rotation:
+        batch = np.rot90(batch, k=rotation // 90, axes=(1, 2))
+    return (batch.astype(np.float32) / 255.0)[:, None]
+
+
+class ImageFamily:
+    """N-way K-shot tasks over `ImageClasses`."""
+
+    kind = "classification"
+
+    def __init__(self, classes: ImageClasses, ways: int, train_shots: int, shots: int, queries: int):
+        classes.check(ways, max(train_shots, shots + queries))
+        self.classes = classes
+        self.ways = ways
+        self.train_shots = train_shots
+        self.shots = shots
+        self.queries = queries
+
+    def _task(self, rng: np.random.Generator, split: str, shots: int, queries: int) -> Task:
+        chosen = sample_ways(rng, self.classes.splits[split], self.ways)
+        sx, sy, qx, qy = [], [], [], []
+        for label, cls in enumerate(chosen):
+            rows = sample_shots(rng, cls, shots + queries)
+            pixels = load_images(self.classes.images, rows, cls.rotation)
+            sx.append(pixels[:shots])
+            qx.append(pixels[shots:])
+            sy += [label] * shots
+            qy += [label] * queries
+        return Task(
+            support_x=torch.from_numpy(np.concatenate(sx)),
+            support_y=torch.tensor(sy, dtype=torch.long),
+            query_x=torch.from_numpy(np.concatenate(qx)),
+            query_y=torch.tensor(qy, dtype=torch.long),
+        )
+
+    def train_task(self, rng: np.random.Generator) -> Task:
+        return self._task(rng, "train", self.train_shots, 0)
+
+    def eval_task(self, rng: np.random.Generator, split: str) -> Task:
+        if not self.classes.splits.get(split):
+            raise ValueError(f"split '{split}' has no classes")
+        return self._task(rng, split, self.shots, self.queries)
