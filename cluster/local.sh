@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# A multi-node Ray cluster on this one machine: a head node and N worker nodes, each its own
+# `ray start`, with token authentication on. Use it to try `--backend ray --address auto`
+# before paying for a real cluster.
+#
+#   cluster/local.sh up [N]   start a head and N worker nodes (default 1)
+#   cluster/local.sh status   `ray status` and the number of alive nodes
+#   cluster/local.sh down     stop this cluster's processes (safe when nothing runs)
+#
+# Settings (environment): REPTILE_RAY_PORT (6379), REPTILE_RAY_TEMP_DIR (/tmp/reptile-dist-ray),
+# REPTILE_HEAD_CPUS (2), REPTILE_WORKER_CPUS (1), REPTILE_OBJECT_STORE_MB (512 per node).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PORT="${REPTILE_RAY_PORT:-6379}"
+TEMP_DIR="${REPTILE_RAY_TEMP_DIR:-/tmp/reptile-dist-ray}"
+HEAD_CPUS="${REPTILE_HEAD_CPUS:-2}"
+WORKER_CPUS="${REPTILE_WORKER_CPUS:-1}"
+OBJECT_STORE_BYTES=$(( ${REPTILE_OBJECT_STORE_MB:-512} * 1024 * 1024 ))
+LOG="$TEMP_DIR/local-sh.log"
+
+# Ray 2.60 rejects a node or client without the cluster's token (InvalidAuthToken after 20 s),
+# so everything started or queried from here runs in token mode.
+export RAY_AUTH_MODE=token
+
+die() { echo "local.sh: $*" >&2; exit 1; }
+
+if [[ -x "$ROOT/.venv/bin/ray" ]]; then
+  RAY="$ROOT/.venv/bin/ray"
+elif command -v ray >/dev/null 2>&1; then
+  RAY="$(command -v ray)"
+else
+  die "no 'ray' found: create .venv (make install) or put ray on PATH"
+fi
+PYTHON="$(dirname "$RAY")/python"
+[[ -x "$PYTHON" ]] || PYTHON=python3
+
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
+
+ensure_token() {
+  # Prints the token; keep it off the terminal. Creates ~/.ray/auth_token when none exists.
+  "$RAY" get-auth-token --generate >/dev/null
+  if [[ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]]; then
+    chmod 600 "$HOME/.ray/auth_token"
+  fi
+}
+
+# This cluster's processes, by PID: the daemons `ray start` left behind name TEMP_DIR in their
+# command lines; workers and agents rename themselves (ray::IDLE, ...) but descend from the raylet.
+# Scoping by TEMP_DIR, instead of `ray stop`, leaves other Ray instances on the machine (a test
+# suite's ray.init(), another user's cluster) alone.
+cluster_pids() {
+  ps -eo pid=,ppid=,args= | NEEDLE="$TEMP_DIR" SELF="$$" awk '
+    {
+      pid = $1; parent[pid] = $2; order[NR] = pid
+      n = ENVIRON["NEEDLE"]; line = $0
+      tail = substr(line, length(line) - length(n))
+      if (pid != ENVIRON["SELF"] && (index(line, "=" n "/") || index(line, "=" n " ") || tail == "=" n))
+        mine[pid] = 1
+    }
+    END {
+      do {
+        grew = 0
+        for (i = 1; i <= NR; i++) {
+          p = order[i]
+          if (!(p in mine) && (parent[p] in mine)) { mine[p] = 1; grew = 1 }
+        }
+      } while (grew)
+      for (p in mine) print p
+    }'
+}
+
+alive() {
+  local p state
+  for p in "$@"; do
+    state=$(awk '{ print $3 }' "/proc/$p/stat" 2>/dev/null || true)
+    if [[ -n "$state" && "$state" != Z ]]; then echo "$p"; fi
+  done
+}
+
+head_address() {
+  [[ -s "$TEMP_DIR/ray_current_cluster" ]] || die "no head address in $TEMP_DIR/ray_current_cluster"
+  cat "$TEMP_DIR/ray_current_cluster"
+}
+
+print_usage_hint() {
+  local address="$1"
+  cat <<EOF
+
+Ray cluster up at $address (token auth on; token in ${RAY_AUTH_TOKEN_PATH:-~/.ray/auth_token}).
+In the shell that runs the program:
+  export RAY_AUTH_MODE=token RAY_ADDRESS=$address
+  reptile-dist train --config sine --backend ray --workers 2 --mode async --address auto --out runs/sine-ray
+Check: cluster/local.sh status    Stop: cluster/local.sh down
+EOF
+}
+
+cmd_up() {
+  local n="${1:-1}" t0 t address i
+  [[ "$n" =~ ^[0-9]+$ ]] || die "N (worker nodes) must be a whole number, got '$n'"
+  if [[ -n "$(cluster_pids)" ]]; then
+    echo "A local Ray cluster is already running under $TEMP_DIR; 'down' first to change its size."
+    print_usage_hint "$(head_address)"
+    return 0
+  fi
+  mkdir -p "$TEMP_DIR"
+  : >"$LOG"
+  ensure_token
+
+  t0=$(now); t=$t0
+  # The dashboard listens on localhost only. Ray 2.60 replaces a loopback --node-ip-address with
+  # the machine's address and its GCS and raylets listen on all interfaces; the token guards them.
+  if ! "$RAY" start --head --port="$PORT" --temp-dir="$TEMP_DIR" \
+      --num-cpus="$HEAD_CPUS" --num-gpus=0 --resources='{"reptile_head": 100}' \
+      --object-store-memory="$OBJECT_STORE_BYTES" --dashboard-host=127.0.0.1 \
+      --disable-usage-stats >>"$LOG" 2>&1; then
+    tail -n 20 "$LOG" >&2
+    die "head failed to start (log: $LOG)"
+  fi
+  address=$(head_address)
+  echo "head    $address  ($HEAD_CPUS CPU, reptile_head=100)  $(since "$t")"
+
+  for i in $(seq 1 "$n"); do
+    t=$(now)
+    # One dashboard agent per node; several nodes on one machine need distinct ports.
+    if ! "$RAY" start --address="$address" --temp-dir="$TEMP_DIR" \
+        --num-cpus="$WORKER_CPUS" --object-store-memory="$OBJECT_STORE_BYTES" \
+        --dashboard-agent-listen-port=$((52365 + i)) \
+        --disable-usage-stats >>"$LOG" 2>&1; then
+      tail -n 20 "$LOG" >&2
+      die "worker node $i failed to join (log: $LOG); run 'cluster/local.sh down' to clean up"
+    fi
+    echo "worker  $i/$n  ($WORKER_CPUS CPU)  $(since "$t")"
+  done
+  echo "up in $(since "$t0")"
+  print_usage_hint "$address"
+}
+
+cmd_status() {
+  if [[ -z "$(cluster_pids)" ]]; then
+    echo "No local Ray cluster running under $TEMP_DIR."
+    return 0
+  fi
+  local address
+  address=$(head_address)
+  "$RAY" status --address="$address"
+  "$PYTHON" - "$address" <<'EOF'
+import sys
+
+import ray
+
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+nodes = ray.nodes()
+print(f"{sum(n['Alive'] for n in nodes)} alive node(s) of {len(nodes)} at {sys.argv[1]}")
+ray.shutdown()
+EOF
+}
+
+# SIGTERM, up to 5 s to exit, then SIGKILL.
+stop_pids() {
+  local left=""
+  [[ $# -gt 0 ]] || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  for _ in $(seq 1 25); do
+    left=$(alive "$@")
+    [[ -z "$left" ]] && return 0
+    sleep 0.2
+  done
+  # shellcheck disable=SC2086  # word splitting of the PID list is intended
+  kill -KILL $left 2>/dev/null || true
+}
+
+cmd_down() {
+  local pids p raylets=() gcs=() rest=() t0
+  pids=$(cluster_pids)
+  if [[ -z "$pids" ]]; then
+    echo "No local Ray cluster running under $TEMP_DIR."
+    return 0
+  fi
+  t0=$(now)
+  for p in $pids; do
+    case "$(cat "/proc/$p/comm" 2>/dev/null || true)" in
+      raylet) raylets+=("$p") ;;
+      gcs_server) gcs+=("$p") ;;
+      *) rest+=("$p") ;;
+    esac
+  done
+  # The order `ray stop` uses: raylets (their workers and agents go with them), the rest, GCS last.
+  stop_pids "${raylets[@]}"
+  # shellcheck disable=SC2046  # word splitting of the PID list is intended
+  stop_pids $(alive "${rest[@]}")
+  stop_pids "${gcs[@]}"
+  rm -f "$TEMP_DIR/ray_current_cluster"
+  echo "stopped $(wc -w <<<"$pids") process(es) in $(since "$t0")"
+}
+
+case "${1:-}" in
+  up) shift; cmd_up "$@" ;;
+  status) cmd_status ;;
+  down) cmd_down ;;
+  *) echo "usage: cluster/local.sh up [N] | status | down" >&2; exit 2 ;;
+esac

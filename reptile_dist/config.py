@@ -1,0 +1,186 @@
+"""Every knob of a run, with its default and allowed range, in one place.
+
+Configuration is data: a validated dataclass, loaded from a YAML preset or file, with
+command-line `--set key=value` overrides. Errors name the field and the allowed range.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS = ("sine", "omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or out of range."""
+
+
+def knob(default, help: str, lo=None, hi=None, choices=None, lo_open=False):
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open})
+
+
+@dataclass(frozen=True)
+class Config:
+    # Task family and data.
+    family: str = knob("sine", "task family", choices=("sine", "omniglot", "synthetic"))
+    data: str = knob("data/omniglot.arrow", "prepared image table (omniglot family)")
+    split: str = knob("paper", "omniglot class split: paper (1200/423 characters) or alphabet (background/evaluation)",
+                      choices=("paper", "alphabet"))
+    val_characters: int = knob(0, "training characters held out as a validation split (for tuning)", lo=0)
+    model: str = knob("sine_mlp", "network", choices=("sine_mlp", "omniglot_conv", "miniimagenet_conv"))
+    ways: int = knob(5, "classes per task (N-way)", lo=1)
+    shots: int = knob(1, "support examples per class at evaluation (K-shot)", lo=1)
+    train_shots: int = knob(10, "examples per class in a meta-training task", lo=1)
+    queries: int = knob(1, "query examples per class in an evaluation task", lo=1)
+
+    # Inner loop (task adaptation).
+    inner_optimizer: str = knob("adam", "inner optimizer; adam uses beta1=0 as in the paper", choices=("adam", "sgd"))
+    inner_lr: float = knob(0.001, "inner learning rate", lo=0.0, lo_open=True)
+    inner_steps: int = knob(5, "inner steps per meta-training task", lo=1)
+    inner_batch_size: int = knob(10, "inner mini-batch size", lo=1)
+    inner_replacement: bool = knob(False, "draw inner mini-batches with replacement")
+
+    # Outer loop (meta update).
+    meta_iters: int = knob(100_000, "meta-iterations (outer steps)", lo=1)
+    meta_batch_size: int = knob(5, "tasks per meta-step", lo=1)
+    meta_step_size: float = knob(1.0, "outer step size epsilon at the start", lo=0.0, lo_open=True)
+    meta_step_size_final: float = knob(0.0, "outer step size at the end (linear annealing)", lo=0.0)
+    outer_optimizer: str = knob("sgd", "sgd: theta += eps * mean delta; adam: Adam on the pseudo-gradient",
+                                choices=("sgd", "adam"))
+
+    # Evaluation.
+    eval_tasks: int = knob(10_000, "held-out tasks in the final evaluation", lo=1)
+    eval_inner_steps: int = knob(50, "inner steps when adapting an evaluation task", lo=0)
+    eval_batch_size: int = knob(5, "inner mini-batch size when adapting an evaluation task", lo=1)
+    eval_every: int = knob(1000, "meta-steps between periodic evaluations (0: never)", lo=0)
+    eval_tasks_periodic: int = knob(100, "tasks per periodic evaluation", lo=1)
+
+    # Logging and checkpoints.
+    log_every: int = knob(100, "meta-steps between metric rows", lo=1)
+    checkpoint_every: int = knob(1000, "meta-steps between checkpoints (0: only the final one)", lo=0)
+    keep_checkpoints: int = knob(3, "checkpoints kept on disk", lo=1)
+    seed: int = knob(0, "run seed; task i of meta-step t is drawn from (seed, t, i)", lo=0)
+
+    # Distributed engine.
+    backend: str = knob("local", "local: one process; ray: actors", choices=("local", "ray"))
+    mode: str = knob("sync", "sync: barrier per meta-step; async: apply deltas on arrival",
+                     choices=("sync", "async", "allreduce"))
+    workers: int = knob(2, "adapt workers", lo=1)
+    cpus_per_worker: float = knob(1.0, "CPUs reserved per worker when the cluster has no GPUs", lo=0.0, lo_open=True)
+    gpus_per_worker: float = knob(1.0, "GPUs per worker when the cluster has GPUs (fractional allowed)", lo=0.0)
+    placement: str = knob("PACK", "placement group strategy", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    staleness_bound: int = knob(4, "async: deltas staler than this many versions are dropped", lo=0)
+    staleness_weighting: str = knob("inverse", "async: weight of a delta of staleness s", choices=("none", "inverse"))
+    threads_per_worker: int = knob(1, "torch threads per adapt worker", lo=1)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        if self.meta_step_size_final > self.meta_step_size:
+            raise ConfigError(
+                f"meta_step_size_final={self.meta_step_size_final} must not exceed meta_step_size={self.meta_step_size}"
+            )
+        if self.val_characters and self.family != "omniglot":
+            raise ConfigError("val_characters applies to the omniglot family only")
+
+    def replace(self, **changes) -> "Config":
+        unknown = sorted(set(changes) - FIELD_NAMES)
+        if unknown:
+            raise ConfigError(f"unknown config key '{unknown[0]}' (known: {', '.join(sorted(FIELD_NAMES))})")
+        return dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def meta_step_size_at(self, progress: float) -> float:
+        """Linear annealing from meta_step_size to meta_step_size_final; progress in meta-steps."""
+        frac = min(max(progress / self.meta_iters, 0.0), 1.0)
+        return frac * self.meta_step_size_final + (1 - frac) * self.meta_step_size
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+FIELD_NAMES = set(FIELDS)
+
+
+def _check_field(f: dataclasses.Field, value) -> None:
+    m = f.metadata
+    if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{f.name} must be a number, got {value!r}")
+    if f.type == "int" and not isinstance(value, int):
+        raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+    if m["choices"] is not None and value not in m["choices"]:
+        raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(str, m['choices']))}")
+    lo, hi = m["lo"], m["hi"]
+    if lo is not None and (value < lo or (m["lo_open"] and value == lo)):
+        bound = f"> {lo}" if m["lo_open"] else f">= {lo}"
+        raise ConfigError(f"{f.name}={value} is out of range (must be {bound})")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{f.name}={value} is out of range (must be <= {hi})")
+
+
+def _coerce(name: str, value):
+    """Turn a YAML/CLI value into the field's type; strings from --set are parsed as YAML."""
+    kind = FIELDS[name].type
+    if isinstance(value, str) and kind != "str":
+        value = yaml.safe_load(value)
+    try:
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return value
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("reptile_dist") / "presets" / f"{name}.yaml"))
+
+
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> Config:
+    """A preset name or a YAML file, then overrides. Unknown keys and bad values raise ConfigError."""
+    path = Path(name_or_path)
+    if not path.suffix and preset_path(name_or_path).exists():
+        path = preset_path(name_or_path)
+    if not path.exists():
+        raise ConfigError(f"config '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    data.update(overrides or {})
+    return Config().replace(**data)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings from the command line."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        out[key.strip()] = value
+    return out
+
+
+def describe() -> str:
+    """Every knob with its default and range, for `reptile-dist config --list`."""
+    lines = []
+    for f in dataclasses.fields(Config):
+        m = f.metadata
+        rng = ""
+        if m["choices"]:
+            rng = " | ".join(map(str, m["choices"]))
+        elif m["lo"] is not None:
+            rng = f"{'>' if m['lo_open'] else '>='} {m['lo']}"
+        lines.append(f"{f.name:22} {f.default!s:20} {rng:24} {m['help']}")
+    return "\n".join(lines)

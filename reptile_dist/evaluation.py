@@ -1,0 +1,96 @@
+"""Few-shot evaluation on held-out tasks, as openai/supervised-reptile defines it.
+
+Each task: adapt theta on the support set (eval_inner_steps of the inner optimizer, fresh state),
+then predict the queries
+- transductively: all queries in one batch (batch norm sees the query batch's statistics);
+- non-transductively: each query in a batch of the whole support set plus that one query,
+  so no two queries ever share a batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from reptile_dist.config import Config
+from reptile_dist.reptile import Learner, task_loss
+from reptile_dist.tasks.base import EVAL_STREAMS, Task, TaskFamily, task_rng
+
+
+def non_transductive_outputs(model: torch.nn.Module, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+    """Outputs for each query predicted in a batch of (support set + that query)."""
+    rows = [model(torch.cat([support_x, query_x[j : j + 1]]))[-1] for j in range(len(query_x))]
+    return torch.stack(rows)
+
+
+@dataclass
+class TaskScores:
+    """Per-task scores: accuracies for classification, query MSE for regression."""
+
+    accuracy: list[float]
+    transductive_accuracy: list[float]
+    loss: list[float]
+
+    def __add__(self, other: "TaskScores") -> "TaskScores":
+        return TaskScores(self.accuracy + other.accuracy, self.transductive_accuracy + other.transductive_accuracy,
+                          self.loss + other.loss)
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% normal confidence interval."""
+    a = np.asarray(values, dtype=np.float64)
+    if len(a) == 0 or np.isnan(a).all():
+        return float("nan"), float("nan")
+    half = 1.96 * a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float("nan")
+    return float(a.mean()), float(half)
+
+
+def score_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, split: str,
+                task_indices: Iterable[int]) -> TaskScores:
+    """Adapt to and score evaluation tasks `task_indices` of `split` (seeded by cfg.seed, split, i)."""
+    scores = TaskScores([], [], [])
+    for i in task_indices:
+        rng = task_rng(cfg.seed, EVAL_STREAMS[split], 0, i)
+        task: Task = family.eval_task(rng, split)
+        learner.adapt(theta, task.support_x, task.support_y, cfg.eval_inner_steps, cfg.eval_batch_size,
+                      cfg.inner_replacement, rng)
+        sx, qx, qy = (t.to(learner.device) for t in (task.support_x, task.query_x, task.query_y))
+        with torch.no_grad():
+            transductive = learner.model(qx)
+            if family.kind == "classification":
+                separate = non_transductive_outputs(learner.model, sx, qx)
+                scores.accuracy.append((separate.argmax(1) == qy).float().mean().item())
+                scores.transductive_accuracy.append((transductive.argmax(1) == qy).float().mean().item())
+                scores.loss.append(task_loss(family.kind, separate, qy).item())
+            else:
+                scores.loss.append(task_loss(family.kind, transductive, qy).item())
+    learner.load(theta)
+    return scores
+
+
+def summarize(scores: TaskScores, prefix: str = "") -> dict[str, float]:
+    """Means and 95% CIs, keyed `accuracy`, `accuracy_ci95`, `transductive_accuracy`, ..."""
+    out: dict[str, float] = {}
+    for name, values in asdict(scores).items():
+        if values:
+            mean, ci = mean_ci95(values)
+            out[f"{prefix}{name}"] = mean
+            out[f"{prefix}{name}_ci95"] = ci
+    out[f"{prefix}tasks"] = len(scores.loss)
+    return out
+
+
+def evaluate(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, split: str, num_tasks: int) -> dict[str, float]:
+    return summarize(score_tasks(learner, family, theta, cfg, split, range(num_tasks)))
+
+
+def headline(result: dict[str, float], kind: str) -> str:
+    """One line for the terminal."""
+    if kind == "classification":
+        return (f"accuracy {100 * result['accuracy']:.2f}% ± {100 * result['accuracy_ci95']:.2f} "
+                f"(transductive {100 * result['transductive_accuracy']:.2f}% ± {100 * result['transductive_accuracy_ci95']:.2f}) "
+                f"over {result['tasks']} tasks")
+    return f"query MSE {result['loss']:.4f} ± {result['loss_ci95']:.4f} over {result['tasks']} tasks"

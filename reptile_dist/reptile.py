@@ -1,0 +1,185 @@
+"""The Reptile algorithm (Nichol, Achiam, Schulman 2018, Algorithm 2), plain PyTorch.
+
+    theta_i = theta adapted by k inner steps on task i
+    theta  <- theta + eps * mean_i(theta_i - theta)
+
+theta travels as one flat float32 vector; the model is only the workspace the inner loop
+runs in. Nothing here knows about processes or Ray.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector
+
+from reptile_dist.config import Config
+from reptile_dist.tasks.base import TRAIN_STREAM, Task, TaskFamily, task_rng
+
+
+def mini_batches(n: int, batch_size: int, num_batches: int, replacement: bool, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Index batches drawn as openai/supervised-reptile's `_mini_batches` does: without
+    replacement, reshuffle the set each pass and let a batch run across passes."""
+    if replacement:
+        for _ in range(num_batches):
+            yield rng.choice(n, size=min(batch_size, n), replace=False)
+        return
+    current: list[int] = []
+    produced = 0
+    while produced < num_batches:
+        for index in rng.permutation(n):
+            current.append(int(index))
+            if len(current) == batch_size:
+                yield np.asarray(current)
+                produced += 1
+                current = []
+                if produced == num_batches:
+                    return
+
+
+def task_loss(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if kind == "classification":
+        return nn.functional.cross_entropy(outputs, targets)
+    return nn.functional.mse_loss(outputs, targets)
+
+
+def inner_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999))  # beta1 = 0, as in the paper
+    return torch.optim.SGD(params, lr=lr)
+
+
+@dataclass
+class AdaptResult:
+    delta: torch.Tensor  # theta_i - theta, flat
+    loss: float  # loss on the last inner mini-batch
+    accuracy: float  # accuracy on the last inner mini-batch (nan for regression)
+
+
+class Learner:
+    """A model used as the workspace for adapting copies of theta to tasks."""
+
+    def __init__(self, model: nn.Module, kind: str, optimizer: str, lr: float, device: str | torch.device = "cpu"):
+        self.model = model.to(device)
+        self.kind = kind
+        self.optimizer = optimizer
+        self.lr = lr
+        self.device = torch.device(device)
+
+    def initial_theta(self) -> torch.Tensor:
+        return parameters_to_vector(self.model.parameters()).detach().clone()
+
+    def load(self, theta: torch.Tensor) -> None:
+        """Copy theta into the model (vector_to_parameters would alias theta's storage, and the
+        inner loop would then overwrite theta itself)."""
+        offset = 0
+        with torch.no_grad():
+            for p in self.model.parameters():
+                n = p.numel()
+                p.copy_(theta[offset : offset + n].view_as(p))
+                offset += n
+
+    def theta(self) -> torch.Tensor:
+        return parameters_to_vector(self.model.parameters()).detach()
+
+    def adapt(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int,
+              replacement: bool, rng: np.random.Generator) -> AdaptResult:
+        """Adapt theta to (x, y) with a fresh inner optimizer; theta itself is not modified.
+
+        The optimizer starts fresh for every task (the reference code carries Adam's moments from
+        task to task, which ties a task's result to the order tasks were adapted in)."""
+        theta = theta.to(self.device)
+        self.load(theta)
+        x, y = x.to(self.device), y.to(self.device)
+        opt = inner_optimizer(self.optimizer, self.model.parameters(), self.lr)
+        loss = torch.tensor(float("nan"))
+        accuracy = float("nan")
+        for batch in mini_batches(len(x), batch_size, steps, replacement, rng):
+            index = torch.from_numpy(batch).to(self.device)
+            out = self.model(x[index])
+            loss = task_loss(self.kind, out, y[index])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if self.kind == "classification":
+                accuracy = (out.argmax(1) == y[index]).float().mean().item()
+        return AdaptResult(self.theta() - theta, float(loss.item()), accuracy)
+
+
+@dataclass
+class DeltaSum:
+    """Sum over tasks of (theta_i - theta), with what is needed to average and log it."""
+
+    delta: torch.Tensor
+    tasks: int
+    loss_sum: float
+    accuracy_sum: float
+
+    def __add__(self, other: "DeltaSum") -> "DeltaSum":
+        return DeltaSum(self.delta + other.delta, self.tasks + other.tasks,
+                        self.loss_sum + other.loss_sum, self.accuracy_sum + other.accuracy_sum)
+
+
+def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, step: int,
+                task_indices: Iterable[int]) -> DeltaSum:
+    """Adapt theta to tasks (step, i) for i in task_indices and sum their deltas.
+
+    Task (step, i) is drawn from a generator seeded by (cfg.seed, step, i), so the sum over a
+    meta-batch is the same whichever processes adapt which of its tasks."""
+    total = torch.zeros_like(theta, device=learner.device)
+    tasks, loss_sum, acc_sum = 0, 0.0, 0.0
+    for i in task_indices:
+        rng = task_rng(cfg.seed, TRAIN_STREAM, step, i)
+        task: Task = family.train_task(rng)
+        result = learner.adapt(theta, task.support_x, task.support_y, cfg.inner_steps, cfg.inner_batch_size,
+                               cfg.inner_replacement, rng)
+        total += result.delta
+        tasks += 1
+        loss_sum += result.loss
+        acc_sum += result.accuracy
+    return DeltaSum(total.cpu(), tasks, loss_sum, acc_sum)
+
+
+class OuterOptimizer:
+    """The meta update on the flat theta.
+
+    sgd:  theta <- theta + eps * mean_delta  (the paper's interpolation, Algorithm 2)
+    adam: Adam on the pseudo-gradient g = -mean_delta with learning rate eps."""
+
+    def __init__(self, theta: torch.Tensor, kind: str = "sgd"):
+        self.kind = kind
+        self.param = torch.nn.Parameter(theta.detach().clone().float(), requires_grad=False)
+        self._adam = torch.optim.Adam([self.param], lr=1.0) if kind == "adam" else None
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self.param.data
+
+    def apply(self, mean_delta: torch.Tensor, step_size: float) -> torch.Tensor:
+        if self._adam is None:
+            self.param.data.add_(mean_delta, alpha=step_size)
+        else:
+            for group in self._adam.param_groups:
+                group["lr"] = step_size
+            self.param.grad = -mean_delta.detach().clone()
+            self._adam.step()
+            self.param.grad = None
+        return self.param.data
+
+    def state_dict(self) -> dict:
+        state = {"kind": self.kind, "theta": self.param.data.clone()}
+        if self._adam is not None:
+            state["adam"] = self._adam.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.param.data.copy_(state["theta"])
+        if self._adam is not None and "adam" in state:
+            self._adam.load_state_dict(state["adam"])
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
