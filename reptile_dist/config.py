@@ -76,7 +76,10 @@ class Config:
     placement: str = knob("PACK", "placement group strategy", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     staleness_bound: int = knob(4, "async: deltas staler than this many versions are dropped", lo=0)
     staleness_weighting: str = knob("inverse", "async: weight of a delta of staleness s", choices=("none", "inverse"))
-    threads_per_worker: int = knob(1, "torch threads per adapt worker", lo=1)
+    delta_dtype: str = knob("float64", "precision of deltas on the wire; float64 keeps sync runs bit-equal to local ones",
+                            choices=("float64", "float32", "bfloat16", "float16"))
+    torch_threads: int = knob(0, "torch threads per process; 0: automatic (local: torch's default, "
+                                 "Ray worker: its CPU share rounded up)", lo=0)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -5,6 +5,7 @@ import math
 import time
 from typing import Any, Callable
 
+import torch
 from tqdm import tqdm
 
 from reptile_dist.config import Config
@@ -17,6 +18,8 @@ from reptile_dist.training import (Throughput, checkpoint_state, evaluate_before
 def train_local(cfg: Config, out: str, resume: bool = False, progress: bool = True,
                 say: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.perf_counter()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     s = setup_run(cfg, out, resume, say)
     before = evaluate_before(s, say) if s.start_step == 0 else None
     throughput = Throughput()
@@ -26,7 +29,7 @@ def train_local(cfg: Config, out: str, resume: bool = False, progress: bool = Tr
         throughput.resume()
         result = adapt_tasks(s.learner, s.family, s.outer.theta, cfg, step, range(cfg.meta_batch_size))
         step_size = cfg.meta_step_size_at(step)
-        s.outer.apply(result.delta / result.tasks, step_size)
+        s.outer.apply((result.delta / result.tasks).float(), step_size)
         throughput.pause(result.tasks)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.meta_iters:
@@ -40,6 +43,6 @@ def train_local(cfg: Config, out: str, resume: bool = False, progress: bool = Tr
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("train_loss", "eval_accuracy", "eval_loss",
                                                                              "tasks_per_s") and not math.isnan(v)})
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            s.run.save_checkpoint(done, checkpoint_state(cfg, done, s.outer), cfg.keep_checkpoints)
+            s.run.save_checkpoint(done, checkpoint_state(cfg, done, s.outer.state_dict()), cfg.keep_checkpoints)
     bar.close()
     return finish_run(s, s.outer.theta, cfg.meta_iters, throughput, time.perf_counter() - started, before, say=say)

@@ -128,8 +128,12 @@ def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: 
     """Adapt theta to tasks (step, i) for i in task_indices and sum their deltas.
 
     Task (step, i) is drawn from a generator seeded by (cfg.seed, step, i), so the sum over a
-    meta-batch is the same whichever processes adapt which of its tasks."""
-    total = torch.zeros_like(theta, device=learner.device)
+    meta-batch is the same whichever processes adapt which of its tasks. The sum is kept in
+    float64, where adding a handful of float32 deltas is (nearly always) exact: partial sums
+    from several workers then add up to the local trainer's sum bit for bit, which matters
+    because Adam with beta1=0 turns a last-bit difference in a near-zero gradient into an
+    lr-sized step."""
+    total = torch.zeros_like(theta, dtype=torch.float64, device=learner.device)
     tasks, loss_sum, acc_sum = 0, 0.0, 0.0
     for i in task_indices:
         rng = task_rng(cfg.seed, TRAIN_STREAM, step, i)

@@ -22,7 +22,7 @@ from reptile_dist.config import Config
 CHECKPOINT_RE = re.compile(r"ckpt-(\d{8})\.pt$")
 # Keys that may differ between two invocations of the same run (resuming with another engine).
 RUN_INVARIANT_IGNORES = ("backend", "mode", "workers", "cpus_per_worker", "gpus_per_worker", "placement",
-                         "threads_per_worker", "eval_tasks", "log_every", "checkpoint_every", "keep_checkpoints")
+                         "torch_threads", "eval_tasks", "log_every", "checkpoint_every", "keep_checkpoints")
 
 
 class RunDirError(ValueError):

@@ -35,8 +35,10 @@ def periodic_split(family: TaskFamily) -> str:
     return "val" if classes is not None and classes.splits.get("val") else "test"
 
 
-def checkpoint_state(cfg: Config, step: int, outer: OuterOptimizer, **extra: Any) -> dict[str, Any]:
-    return {"format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "outer": outer.state_dict(), **extra}
+def checkpoint_state(cfg: Config, step: int, outer_state: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Everything a resume needs: tasks are seeded by (seed, step, index), so the step counter
+    is the whole of the task-sampling RNG state."""
+    return {"format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "outer": outer_state, **extra}
 
 
 def final_state(cfg: Config, step: int, learner: Learner, theta: torch.Tensor) -> dict[str, Any]:
@@ -110,11 +112,13 @@ def evaluate_before(s: RunSetup, say: Callable[[str], None] = print) -> dict[str
 
 def finish_run(s: RunSetup, theta: torch.Tensor, step: int, throughput: Throughput, wall_s: float,
                before: dict[str, float] | None, extra: dict[str, Any] | None = None,
-               say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Final evaluation on the test split, final.pt, metrics and summary.json."""
+               say: Callable[[str], None] = print, test: dict[str, float] | None = None) -> dict[str, Any]:
+    """Final evaluation on the test split (unless the engine already ran it, sharded), final.pt,
+    metrics and summary.json."""
     s.run.write_final(final_state(s.cfg, step, s.learner, theta))
     s.run.flush_metrics()
-    test = evaluate(s.learner, s.family, theta, s.cfg, "test", s.cfg.eval_tasks)
+    if test is None:
+        test = evaluate(s.learner, s.family, theta, s.cfg, "test", s.cfg.eval_tasks)
     say(f"after meta-training (test): {headline(test, s.family.kind)}")
     summary: dict[str, Any] = {
         "test_accuracy": test.get("accuracy"),

@@ -1,0 +1,89 @@
+"""AdaptWorker actors: each holds a model replica and a task family, and adapts its share of
+the tasks. The Evaluator is the same workspace used only to score held-out tasks, so workers
+never wait for evaluation."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from reptile_dist.config import Config
+from reptile_dist.evaluation import TaskScores, score_tasks, summarize
+from reptile_dist.reptile import adapt_tasks
+from reptile_dist.tasks import build_family
+from reptile_dist.training import make_learner
+from reptile_dist.engine.wire import encode
+
+
+class Workspace:
+    """A task family and a learner on this actor's device (its GPU when Ray assigned one)."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = Config(**cfg)
+        torch.set_num_threads(self.cfg.torch_threads or max(1, math.ceil(self.cfg.cpus_per_worker)))
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.family = build_family(self.cfg)
+        self.learner = make_learner(self.cfg, self.family, self.device)
+
+    def score(self, theta: np.ndarray, split: str, start: int, stop: int) -> TaskScores:
+        return score_tasks(self.learner, self.family, torch.tensor(theta), self.cfg, split, range(start, stop))
+
+    def evaluate(self, theta: np.ndarray, split: str, tasks: int) -> dict[str, float]:
+        return summarize(self.score(theta, split, 0, tasks))
+
+    def where(self) -> dict[str, Any]:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "device": self.device}
+
+
+class AdaptWorker(Workspace):
+    def __init__(self, cfg: dict, index: int):
+        super().__init__(cfg)
+        self.index = index
+        self._poison = threading.Event()
+
+    def shares(self, version: int) -> list[int]:
+        """Task indices this worker adapts for `version`.
+
+        sync: task i of the meta-step goes to worker i mod W, so the meta-batch is the local
+        trainer's whichever workers take it. async: ceil(meta_batch_size / W) tasks of its own per
+        push, indexed by worker, so two workers starting from one version draw different tasks."""
+        cfg = self.cfg
+        if cfg.mode == "async":
+            per_push = math.ceil(cfg.meta_batch_size / cfg.workers)
+            return list(range(self.index * per_push, (self.index + 1) * per_push))
+        return list(range(self.index, cfg.meta_batch_size, cfg.workers))
+
+    def run(self, ps) -> dict[str, Any]:
+        """Pull theta, adapt this worker's share, push the summed delta; until the PS says done."""
+        cfg = self.cfg
+        version = -1
+        adapted, busy = 0, 0.0
+        while True:
+            got = ray.get(ps.pull.remote(-1 if cfg.mode == "async" else version))
+            if got is None:
+                break
+            theta_ref, version = got
+            theta = torch.tensor(ray.get(theta_ref))  # object-store arrays are read-only: copy
+            share = self.shares(version)
+            if not share:
+                continue
+            t0 = time.perf_counter()
+            result = adapt_tasks(self.learner, self.family, theta, cfg, version, share)
+            busy += time.perf_counter() - t0
+            delta = result.delta
+            if self._poison.is_set():
+                self._poison.clear()
+                delta = torch.full_like(delta, float("nan"))
+            delta = encode(delta, cfg.delta_dtype)
+            ray.get(ps.push.remote(self.index, version, delta, result.tasks, result.loss_sum, result.accuracy_sum))
+            adapted += result.tasks
+        return {"worker": self.index, "tasks": adapted, "busy_s": busy}
+
+    def poison_next_push(self) -> None:
+        """Fault injection for tests and drills: the next delta this worker sends is all NaN."""
+        self._poison.set()

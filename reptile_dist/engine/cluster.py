@@ -1,0 +1,68 @@
+"""Joining or starting a Ray cluster, and what the engine asks of it."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import ray
+
+from reptile_dist.config import Config
+
+HEAD_RESOURCE = "reptile_head"  # advertised by the head node in cluster/ configs
+NAMESPACE = "reptile-dist"
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster could not be reached or cannot host the run."""
+
+
+def logical_cpus_needed(cfg: Config) -> float:
+    return cfg.workers * cfg.cpus_per_worker + 1  # + one for the parameter server and evaluator
+
+
+@contextmanager
+def ray_cluster(cfg: Config, address: str | None) -> Iterator[None]:
+    """Join `address`, or start a local cluster in-process and shut it down at the end.
+
+    A local cluster advertises at least enough logical CPUs for the run's placement group:
+    the parameter server and evaluator mostly wait, so oversubscribing the cores is intended."""
+    if ray.is_initialized():
+        yield  # inside a Tune trial or a caller's session: use it, leave it running
+        return
+    try:
+        if address:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+        else:
+            cpus = max(os.cpu_count() or 1, int(logical_cpus_needed(cfg) + 0.999))
+            ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """One GPU (or the configured fraction) per worker when the cluster has GPUs, else CPUs."""
+    if cfg.gpus_per_worker > 0 and cluster_gpus() > 0:
+        return {"CPU": 1.0, "GPU": cfg.gpus_per_worker}
+    return {"CPU": cfg.cpus_per_worker}
+
+
+def server_resources() -> dict[str, float]:
+    """The parameter server and evaluator share one CPU, on the head node when it says so."""
+    res = {"CPU": 1.0}
+    if ray.cluster_resources().get(HEAD_RESOURCE, 0) > 0:
+        res[HEAD_RESOURCE] = 0.01
+    return res
+
+
+def engine_bundles(cfg: Config) -> list[dict[str, float]]:
+    """Bundle 0: parameter server + evaluator; bundles 1..W: one adapt worker each."""
+    return [server_resources()] + [worker_resources(cfg) for _ in range(cfg.workers)]

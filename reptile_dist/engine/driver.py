@@ -1,0 +1,231 @@
+"""The driver of a distributed run: place the actors, watch them, log, checkpoint, evaluate.
+
+    placement group = [PS + evaluator] + W x [adapt worker]
+    workers: pull theta -> adapt their share -> push sum of deltas   (adapt_worker.py)
+    PS: aggregate sync or async, snapshot theta for checkpoints and evaluations (parameter_server.py)
+    driver: drain the PS every tick -> metrics.parquet, checkpoints, evaluator requests
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+import ray
+import torch
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from tqdm import tqdm
+
+from reptile_dist.config import Config
+from reptile_dist.engine.adapt_worker import AdaptWorker, Workspace
+from reptile_dist.engine.cluster import ClusterError, engine_bundles, ray_cluster
+from reptile_dist.engine.parameter_server import ParameterServer
+from reptile_dist.evaluation import TaskScores, headline, summarize
+from reptile_dist.training import RunSetup, Throughput, checkpoint_state, finish_run, periodic_split, setup_run
+
+TICK_S = 0.2
+PLACEMENT_TIMEOUT_S = 120
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (every delta rejected for too long, a worker error)."""
+
+
+def train_ray(cfg: Config, out: str, address: str | None = None, resume: bool = False, progress: bool = True,
+              say: Callable[[str], None] = print, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Meta-train with Ray actors; the run directory ends up with the same files as a local run."""
+    with ray_cluster(cfg, address):
+        return EngineRun(cfg, out, resume, progress, say, on_log).run()
+
+
+class EngineRun:
+    def __init__(self, cfg: Config, out: str, resume: bool, progress: bool, say, on_log):
+        self.cfg = cfg
+        self.out = out
+        self.resume = resume
+        self.progress = progress
+        self.say = say
+        self.on_log = on_log
+        self.run_id = uuid.uuid4().hex[:8]
+        self.pending_evals: dict[Any, int] = {}
+        self.window: list[dict[str, Any]] = []
+        self.next_log = 0
+        self.last_logged_wall = 0.0
+
+    # --- actors -------------------------------------------------------------------------
+    def _placement(self):
+        pg = get_current_placement_group()
+        if pg is not None:  # a Tune trial reserved [trial] + engine_bundles for us
+            return pg, 1, False
+        bundles = engine_bundles(self.cfg)
+        pg = placement_group(bundles, strategy=self.cfg.placement)
+        ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(pg)
+            raise ClusterError(f"the cluster cannot place {len(bundles)} bundles {bundles} "
+                               f"within {PLACEMENT_TIMEOUT_S} s: {ray.available_resources()} available")
+        return pg, 0, True
+
+    def _in_bundle(self, index: int):
+        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offset + index,
+                                                placement_group_capture_child_tasks=False)
+
+    def start_worker(self, w: int):
+        res = engine_bundles(self.cfg)[1]
+        return ray.remote(AdaptWorker).options(
+            name=f"worker-{self.run_id}-{w}", max_concurrency=2, num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
+            scheduling_strategy=self._in_bundle(1 + w),
+        ).remote(self.cfg.to_dict(), w)
+
+    def start_actors(self, s: RunSetup) -> None:
+        restored = s.restored or {}
+        self.ps = ray.remote(ParameterServer).options(
+            name=f"ps-{self.run_id}", num_cpus=0.5, max_concurrency=1000, scheduling_strategy=self._in_bundle(0),
+        ).remote(self.cfg.to_dict(), s.outer.theta.numpy(), s.outer.state_dict(), restored.get("version", s.start_step),
+                 restored.get("applied_tasks", s.start_step * self.cfg.meta_batch_size))
+        self.evaluator = ray.remote(Workspace).options(num_cpus=0.5, scheduling_strategy=self._in_bundle(0)).remote(self.cfg.to_dict())
+        self.workers = [self.start_worker(w) for w in range(self.cfg.workers)]
+        self.placements = ray.get([w.where.remote() for w in self.workers])  # also waits for data loading
+
+    # --- the run ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        started = time.perf_counter()
+        s = setup_run(cfg, self.out, self.resume, self.say)
+        self.setup = s
+        self.next_log = (s.start_step // cfg.log_every + 1) * cfg.log_every
+        self.pg, self.offset, own_pg = self._placement()
+        try:
+            self.start_actors(s)
+            before_ref = None
+            if s.start_step == 0:
+                before_ref = self.evaluator.evaluate.remote(s.outer.theta.numpy(), periodic_split(s.family), cfg.eval_tasks_periodic)
+            throughput = Throughput()
+            runs = {w.run.remote(self.ps): i for i, w in enumerate(self.workers)}
+            info = self.watch(runs, s)
+            throughput.pause(info["counters"]["applied_tasks"] - s.start_step * cfg.meta_batch_size)
+            state = ray.get(self.ps.state.remote())
+            self.collect_evals(wait=True)
+            before = None
+            if before_ref is not None:
+                before = ray.get(before_ref)
+                self.say(f"before meta-training ({periodic_split(s.family)}): {headline(before, s.family.kind)}")
+            theta = torch.from_numpy(np.array(state["theta"]))
+            test = self.sharded_eval(state["theta"], "test", cfg.eval_tasks)
+            extra = {"ps_busy_fraction": info["busy_fraction"], "dropped_stale": info["counters"]["dropped_stale"],
+                     "rejected_nonfinite": info["counters"]["rejected_nonfinite"],
+                     "rejected_by_worker": info["counters"]["rejected_by_worker"],
+                     "staleness_histogram": info["counters"]["staleness"],
+                     "worker_nodes": sorted({p["node_id"] for p in self.placements}),
+                     "worker_devices": sorted({p["device"] for p in self.placements})}
+            step = cfg.meta_iters
+            return finish_run(s, theta, step, throughput, time.perf_counter() - started, before, extra, self.say, test)
+        finally:
+            self.shutdown(own_pg)
+
+    def watch(self, runs: dict, s: RunSetup) -> dict[str, Any]:
+        """Drain the PS every tick until the run is done and every worker loop has returned."""
+        cfg = self.cfg
+        bar = tqdm(total=cfg.meta_iters, initial=s.start_step, disable=not self.progress, desc="meta-train",
+                   dynamic_ncols=True)
+        shown = s.start_step
+        while True:
+            info = ray.get(self.ps.drain.remote())
+            self.handle(info, s)
+            now = int(info["progress"])
+            bar.update(now - shown)
+            shown = now
+            if self.window and self.progress:
+                last = s.run.metrics[-1] if s.run.metrics else {}
+                bar.set_postfix({k: f"{last[k]:.3g}" for k in ("train_loss", "tasks_per_s") if isinstance(last.get(k), float)})
+            if info["rejected_in_a_row"] >= max(10, cfg.workers * 10):
+                raise RunFailed(f"every delta was rejected for {info['rejected_in_a_row']} updates in a row "
+                                f"(non-finite losses?); stopped at meta-step {now}, last checkpoint kept")
+            finished, _ = ray.wait(list(runs), num_returns=len(runs), timeout=0)
+            for ref in finished:
+                ray.get(ref)  # re-raises a worker's error
+            if info["done"] and len(finished) == len(runs):
+                bar.close()
+                return info
+            time.sleep(TICK_S)
+
+    def handle(self, info: dict[str, Any], s: RunSetup) -> None:
+        for message in info["messages"]:
+            tqdm.write(f"[ps] {message}") if self.progress else self.say(f"[ps] {message}")
+        for row in info["rows"]:
+            self.window.append(row)
+            if row["step"] >= self.next_log or info["done"] and row is info["rows"][-1]:
+                self.log(info, s)
+        for snap in info["snapshots"]:
+            if snap["kind"] == "checkpoint":
+                state = snap["state"]
+                s.run.save_checkpoint(snap["step"], checkpoint_state(self.cfg, snap["step"], state["outer"],
+                                                                     version=state["version"],
+                                                                     applied_tasks=state["applied_tasks"]),
+                                      self.cfg.keep_checkpoints)
+            else:
+                ref = self.evaluator.evaluate.remote(snap["theta"], periodic_split(s.family), self.cfg.eval_tasks_periodic)
+                self.pending_evals[ref] = snap["step"]
+        self.collect_evals(wait=False)
+
+    def log(self, info: dict[str, Any], s: RunSetup) -> None:
+        rows, self.window = self.window, []
+        tasks = sum(r["tasks"] for r in rows)
+        applied = [r for r in rows if "train_loss" in r]
+        span = rows[-1]["wall_s"] - self.last_logged_wall
+        self.last_logged_wall = rows[-1]["wall_s"]
+        counters = info["counters"]
+        row = {
+            "step": rows[-1]["step"],
+            "meta_step_size": rows[-1]["meta_step_size"],
+            "train_loss": float(np.mean([r["train_loss"] for r in applied])) if applied else math.nan,
+            "train_accuracy": float(np.mean([r["train_accuracy"] for r in applied])) if applied else math.nan,
+            "tasks_per_s": tasks / span if span > 0 else math.nan,
+            "wall_s": rows[-1]["wall_s"],
+            "staleness_mean": float(np.mean([r["staleness"] for r in applied])) if applied else math.nan,
+            "staleness_max": float(max((r["staleness"] for r in applied), default=math.nan)),
+            "dropped_stale": counters["dropped_stale"],
+            "rejected_nonfinite": counters["rejected_nonfinite"],
+            "ps_busy_fraction": info["busy_fraction"],
+        }
+        s.run.log(row)
+        while self.next_log <= row["step"]:
+            self.next_log += self.cfg.log_every
+        if self.on_log is not None:
+            self.on_log(row)
+
+    def collect_evals(self, wait: bool) -> None:
+        if not self.pending_evals:
+            return
+        done, _ = ray.wait(list(self.pending_evals), num_returns=len(self.pending_evals), timeout=None if wait else 0)
+        for ref in done:
+            step = self.pending_evals.pop(ref)
+            result = {f"eval_{k}": v for k, v in ray.get(ref).items() if k != "tasks"}
+            rows = self.setup.run.metrics
+            match = next((r for r in reversed(rows) if r.get("step") == step), None)
+            if match is None:
+                rows.append({"step": step, **result})
+            else:
+                match.update(result)
+
+    def sharded_eval(self, theta: np.ndarray, split: str, tasks: int) -> dict[str, float]:
+        """The final evaluation split across the workers and the evaluator (they are idle now)."""
+        actors = self.workers + [self.evaluator]
+        bounds = np.linspace(0, tasks, len(actors) + 1).astype(int)
+        theta_ref = ray.put(theta)
+        parts = ray.get([a.score.remote(theta_ref, split, int(lo), int(hi))
+                         for a, lo, hi in zip(actors, bounds[:-1], bounds[1:]) if hi > lo])
+        total = TaskScores([], [], [])
+        for part in parts:
+            total = total + part
+        return summarize(total)
+
+    def shutdown(self, own_pg: bool) -> None:
+        for actor in [getattr(self, "ps", None), getattr(self, "evaluator", None), *getattr(self, "workers", [])]:
+            if actor is not None:
+                ray.kill(actor)
+        if own_pg:
+            remove_placement_group(self.pg)

@@ -1,0 +1,107 @@
+"""The ParameterServer actor: holds theta (flat float32 numpy, which Ray's object store moves
+zero-copy) and the outer optimizer, and serves pulls and pushes for the adapt workers.
+
+An asyncio actor, so a sync-mode pull can wait for the barrier without blocking pushes.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from reptile_dist.config import Config
+from reptile_dist.engine.aggregation import Aggregator, Push
+from reptile_dist.engine.wire import decode
+
+
+class ParameterServer:
+    def __init__(self, cfg: dict, theta: np.ndarray, outer_state: dict | None = None, version: int = 0,
+                 applied_tasks: int = 0):
+        self.cfg = Config(**cfg)
+        self.agg = Aggregator(self.cfg, theta, outer_state, version, applied_tasks)
+        self.rows: list[dict[str, Any]] = []
+        self.snapshots: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self.busy_s = 0.0
+        self.stopped = False
+        self._changed: asyncio.Condition | None = None
+        self._theta_ref = None
+        self._ref_version = -1
+        self._last_progress = self.agg.progress
+
+    @property
+    def changed(self) -> asyncio.Condition:
+        if self._changed is None:  # created inside the actor's event loop
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    def _current_ref(self):
+        # One object-store copy of theta per version, shared by every worker that pulls it.
+        if self._ref_version != self.agg.version:
+            self._theta_ref = ray.put(self.agg.theta.copy())
+            self._ref_version = self.agg.version
+        return self._theta_ref
+
+    async def pull(self, after_version: int = -1):
+        """[theta ref, version] once the version is past `after_version`; None when the run is over."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.agg.version > after_version or self.agg.done or self.stopped)
+        if self.agg.done or self.stopped:
+            return None
+        return [self._current_ref(), self.agg.version]
+
+    async def push(self, worker: int, version: int, delta: np.ndarray, tasks: int, loss_sum: float,
+                   accuracy_sum: float) -> None:
+        t0 = time.perf_counter()
+        if self.agg.done or self.stopped:
+            return
+        row = self.agg.push(Push(worker, version, decode(delta, self.cfg.delta_dtype), tasks, loss_sum, accuracy_sum))
+        if row is not None:
+            self._after_update(row)
+        self.busy_s += time.perf_counter() - t0
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def complete_step(self) -> int:
+        """Sync mode: apply what arrived for the current version without waiting for the rest
+        (used when a worker died mid-step and the run is configured not to wait)."""
+        row = self.agg.complete_step()
+        self._after_update(row)
+        async with self.changed:
+            self.changed.notify_all()
+        return self.agg.version
+
+    def _after_update(self, row: dict[str, Any]) -> None:
+        row["wall_s"] = time.perf_counter() - self.started
+        self.rows.append(row)
+        before, now = int(self._last_progress), int(self.agg.progress)
+        self._last_progress = self.agg.progress
+        if now == before:
+            return
+        cfg = self.cfg
+        step = now
+        if (cfg.checkpoint_every and any(s % cfg.checkpoint_every == 0 for s in range(before + 1, now + 1))) or self.agg.done:
+            self.snapshots.append({"kind": "checkpoint", "step": step, "state": self.agg.state()})
+        if cfg.eval_every and any(s % cfg.eval_every == 0 for s in range(before + 1, now + 1)):
+            self.snapshots.append({"kind": "eval", "step": step, "theta": self.agg.theta.copy()})
+
+    def drain(self) -> dict[str, Any]:
+        """Everything new since the last drain, for the driver to log and save."""
+        rows, self.rows = self.rows, []
+        snaps, self.snapshots = self.snapshots, []
+        messages, self.agg.messages = self.agg.messages, []
+        return {"rows": rows, "snapshots": snaps, "messages": messages, "version": self.agg.version,
+                "progress": self.agg.progress, "done": self.agg.done, "counters": self.agg.counters.as_dict(),
+                "rejected_in_a_row": self.agg.counters.rejected_in_a_row,
+                "busy_fraction": self.busy_s / max(time.perf_counter() - self.started, 1e-9)}
+
+    def state(self) -> dict[str, Any]:
+        return {**self.agg.state(), "theta": self.agg.theta.copy()}
+
+    async def stop(self) -> None:
+        self.stopped = True
+        async with self.changed:
+            self.changed.notify_all()
