@@ -75,7 +75,7 @@ class Config:
     gpus_per_worker: float = knob(1.0, "GPUs per worker when the cluster has GPUs (fractional allowed)", lo=0.0)
     placement: str = knob("PACK", "placement group strategy", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     staleness_bound: int = knob(4, "async: deltas staler than this many versions are dropped", lo=0)
-    staleness_weighting: str = knob("inverse", "async: weight of a delta of staleness s", choices=("none", "inverse"))
+    staleness_weighting: str = knob("none", "async: weight of a delta of staleness s", choices=("none", "inverse"))
     delta_dtype: str = knob("float64", "precision of deltas on the wire; float64 keeps sync runs bit-equal to local ones",
                             choices=("float64", "float32", "bfloat16", "float16"))
     torch_threads: int = knob(0, "torch threads per process; 0: automatic (local: torch's default, "

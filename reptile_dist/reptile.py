@@ -8,6 +8,7 @@ runs in. Nothing here knows about processes or Ray.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -176,7 +177,7 @@ class OuterOptimizer:
     def state_dict(self) -> dict:
         state = {"kind": self.kind, "theta": self.param.data.clone()}
         if self._adam is not None:
-            state["adam"] = self._adam.state_dict()
+            state["adam"] = copy.deepcopy(self._adam.state_dict())  # the live one aliases Adam's moment tensors
         return state
 
     def load_state_dict(self, state: dict) -> None:

@@ -29,18 +29,16 @@ class ImageClasses:
     splits: dict[str, list[ImageClass]]
     image_size: int = 28
 
-    def check(self, ways: int, images_per_class: int) -> None:
-        """Raise ValueError naming the field if a split cannot supply the tasks asked for."""
+    def check(self, ways: int, images_per_class: int, field: str = "shots + queries", splits: tuple[str, ...] | None = None) -> None:
+        """Raise ValueError naming `field` if a split (default: every split) cannot supply the tasks asked for."""
         for name, classes in self.splits.items():
-            if not classes:
+            if not classes or (splits is not None and name not in splits):
                 continue
             if ways > len(classes):
                 raise ValueError(f"ways={ways} is larger than the {len(classes)} classes of split '{name}'")
             fewest = min(len(c.rows) for c in classes)
             if images_per_class > fewest:
-                raise ValueError(
-                    f"shots + queries = {images_per_class} exceed the {fewest} images per class of split '{name}'"
-                )
+                raise ValueError(f"{field} = {images_per_class} exceeds the {fewest} images per class of split '{name}'")
 
 
 def sample_ways(rng: np.random.Generator, classes: list[ImageClass], ways: int) -> list[ImageClass]:
@@ -65,7 +63,9 @@ class ImageFamily:
     kind = "classification"
 
     def __init__(self, classes: ImageClasses, ways: int, train_shots: int, shots: int, queries: int):
-        classes.check(ways, max(train_shots, shots + queries))
+        # Meta-training draws train_shots from "train" only; evaluation may use any split.
+        classes.check(ways, train_shots, "train_shots", splits=("train",))
+        classes.check(ways, shots + queries, "shots + queries")
         self.classes = classes
         self.ways = ways
         self.train_shots = train_shots

@@ -1,0 +1,71 @@
+import numpy as np
+import torch
+from torch import nn
+
+from reptile_dist.config import Config
+from reptile_dist.evaluation import mean_ci95, score_tasks
+from reptile_dist.models import OmniglotConv
+from reptile_dist.reptile import Learner
+from reptile_dist.tasks.base import EVAL_STREAMS, task_rng
+from reptile_dist.tasks.images import ImageFamily
+from reptile_dist.tasks.synthetic import synthetic_classes
+
+
+class Recording(nn.Module):
+    """The Omniglot net, remembering every batch it was asked to predict."""
+
+    def __init__(self, ways):
+        super().__init__()
+        self.net = OmniglotConv(ways)
+        self.batches = []
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            self.batches.append(x.detach().clone())
+        return self.net(x)
+
+
+def _setup(ways=5, shots=1, queries=2):
+    family = ImageFamily(synthetic_classes(), ways=ways, train_shots=5, shots=shots, queries=queries)
+    cfg = Config(family="synthetic", model="omniglot_conv", ways=ways, shots=shots, queries=queries,
+                 eval_inner_steps=2, eval_batch_size=5)
+    torch.manual_seed(0)
+    learner = Learner(Recording(ways), "classification", "adam", 1e-3)
+    return family, cfg, learner
+
+
+def test_non_transductive_never_puts_two_queries_in_one_batch():
+    family, cfg, learner = _setup(queries=2)
+    theta = learner.initial_theta()
+    task = family.eval_task(np.random.default_rng(0), "test")
+    score_tasks(learner, family, theta, cfg, "test", range(3))
+    queries = {tuple(q.flatten().tolist()) for i in range(3)
+               for q in family.eval_task(task_rng(cfg.seed, EVAL_STREAMS["test"], 0, i), "test").query_x}
+    assert task.query_x.shape[0] == 10
+    separate = [b for b in learner.model.batches if len(b) != 10]  # the one transductive batch per task has 10
+    assert len(separate) == 3 * 10
+    for batch in separate:
+        in_batch = sum(tuple(img.flatten().tolist()) in queries for img in batch)
+        assert in_batch == 1, "a non-transductive batch held more than one query"
+        assert len(batch) == 5 * 1 + 1  # the whole support set plus that one query
+
+
+def test_transductive_predicts_all_queries_together():
+    family, cfg, learner = _setup(queries=2)
+    score_tasks(learner, family, learner.initial_theta(), cfg, "test", range(2))
+    assert sum(len(b) == 10 for b in learner.model.batches) == 2
+
+
+def test_scores_cover_every_task_and_restore_theta():
+    family, cfg, learner = _setup()
+    theta = learner.initial_theta()
+    scores = score_tasks(learner, family, theta, cfg, "test", range(4))
+    assert len(scores.accuracy) == len(scores.transductive_accuracy) == 4
+    assert torch.equal(learner.theta(), theta)
+
+
+def test_confidence_interval_is_the_normal_95_percent_half_width():
+    values = [0.0, 1.0] * 50
+    mean, ci = mean_ci95(values)
+    assert mean == 0.5
+    assert abs(ci - 1.96 * np.std(values, ddof=1) / 10) < 1e-12

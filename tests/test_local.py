@@ -1,0 +1,72 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import tiny
+from reptile_dist.local import train_local
+from reptile_dist.rundir import CheckpointError, RunDir, RunDirError, load_checkpoint
+
+quiet = dict(progress=False, say=lambda m: None)
+
+
+def test_meta_training_on_sine_beats_a_random_initialisation(tmp_path):
+    """A real learning check: post-adaptation MSE on held-out sine tasks."""
+    cfg = tiny("sine", meta_iters=800, eval_tasks=200, eval_tasks_periodic=200, log_every=100)
+    summary = train_local(cfg, str(tmp_path / "run"), **quiet)
+    assert summary["test_loss"] < 0.4 * summary["before_loss"], summary
+
+
+def test_run_directory_is_complete(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny("synthetic", meta_iters=6, checkpoint_every=2, keep_checkpoints=2, eval_every=4)
+    train_local(cfg, str(out), **quiet)
+    for name in ("config.yaml", "metrics.parquet", "final.pt", "summary.json"):
+        assert (out / name).exists(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
+    final = torch.load(out / "final.pt", weights_only=True)
+    assert {"model_state", "config", "step"} <= set(final) and final["step"] == 6
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("test_accuracy", "test_ci95", "meta_iters", "tasks_per_s", "wall_s"):
+        assert summary[key] is not None, key
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in metrics] == [2, 4, 6]
+    assert metrics[1]["eval_accuracy"] is not None and metrics[0]["eval_accuracy"] is None
+    # the logged step size is the linear annealing schedule (logged after step t-1 is applied)
+    assert [r["meta_step_size"] for r in metrics] == pytest.approx([cfg.meta_step_size_at(s - 1) for s in (2, 4, 6)])
+
+
+def test_a_folder_holding_a_different_run_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    train_local(tiny("synthetic", meta_iters=2), out, **quiet)
+    with pytest.raises(RunDirError, match="different run"):
+        train_local(tiny("synthetic", meta_iters=2, inner_lr=0.01), out, **quiet)
+    with pytest.raises(RunDirError, match="--resume"):
+        train_local(tiny("synthetic", meta_iters=2), out, **quiet)
+    assert (tmp_path / "run" / "final.pt").exists()  # nothing already written was lost
+
+
+def test_resume_continues_to_the_same_result(tmp_path):
+    full = tiny("synthetic", meta_iters=6, checkpoint_every=3)
+    train_local(full, str(tmp_path / "a"), **quiet)
+    train_local(full, str(tmp_path / "b"), **quiet)
+    # cut run b back to its step-3 checkpoint, then resume it
+    (tmp_path / "b" / "checkpoints" / "ckpt-00000006.pt").unlink()
+    (tmp_path / "b" / "final.pt").unlink()
+    train_local(full, str(tmp_path / "b"), resume=True, **quiet)
+    a = load_checkpoint(str(tmp_path / "a" / "final.pt"))["model_state"]
+    b = load_checkpoint(str(tmp_path / "b" / "final.pt"))["model_state"]
+    assert all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
+    out = tmp_path / "run"
+    train_local(tiny("synthetic", meta_iters=4, checkpoint_every=2), str(out), **quiet)
+    newest = out / "checkpoints" / "ckpt-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="ckpt-00000004"):
+        load_checkpoint(str(newest))
+    warnings = []
+    state = RunDir(str(out)).latest_checkpoint(warn=warnings.append)
+    assert state["step"] == 2 and "ckpt-00000004" in warnings[0]
