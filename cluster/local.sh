@@ -47,16 +47,22 @@ ensure_token() {
 }
 
 # This cluster's processes, by PID: the daemons `ray start` left behind name TEMP_DIR in their
-# command lines; workers and agents rename themselves (ray::IDLE, ...) but descend from the raylet.
-# Scoping by TEMP_DIR, instead of `ray stop`, leaves other Ray instances on the machine (a test
+# command lines, except the Ray Client server (present with ray[default]), which names the head's
+# address; workers and agents rename themselves (ray::IDLE, ...) but descend from a raylet.
+# Scoping like this, instead of `ray stop`, leaves other Ray instances on the machine (a test
 # suite's ray.init(), another user's cluster) alone.
 cluster_pids() {
-  ps -eo pid=,ppid=,args= | NEEDLE="$TEMP_DIR" SELF="$$" awk '
+  local address=""
+  [[ -s "$TEMP_DIR/ray_current_cluster" ]] && address=$(cat "$TEMP_DIR/ray_current_cluster")
+  ps -eo pid=,ppid=,args= | NEEDLE="$TEMP_DIR" ADDRESS="$address" SELF="$$" awk '
     {
       pid = $1; parent[pid] = $2; order[NR] = pid
-      n = ENVIRON["NEEDLE"]; line = $0
+      n = ENVIRON["NEEDLE"]; a = ENVIRON["ADDRESS"]; line = $0
       tail = substr(line, length(line) - length(n))
-      if (pid != ENVIRON["SELF"] && (index(line, "=" n "/") || index(line, "=" n " ") || tail == "=" n))
+      if (pid == ENVIRON["SELF"]) next
+      if (index(line, "=" n "/") || index(line, "=" n " ") || tail == "=" n)
+        mine[pid] = 1
+      if (a != "" && index(line, "ray.util.client.server") && index(line, "--address=" a " "))
         mine[pid] = 1
     }
     END {
@@ -123,8 +129,10 @@ cmd_up() {
 
   for i in $(seq 1 "$n"); do
     t=$(now)
-    # One dashboard agent per node; several nodes on one machine need distinct ports.
-    if ! "$RAY" start --address="$address" --temp-dir="$TEMP_DIR" \
+    # Several nodes on one machine need their own dashboard agent port and their own temp
+    # dir: runtime environments (a job's working_dir) unpack under it, and a shared one lets a
+    # worker node's unpacking replace the directory the head's driver is running in.
+    if ! "$RAY" start --address="$address" --temp-dir="$TEMP_DIR/node-$i" \
         --num-cpus="$WORKER_CPUS" --object-store-memory="$OBJECT_STORE_BYTES" \
         --dashboard-agent-listen-port=$((52365 + i)) \
         --disable-usage-stats >>"$LOG" 2>&1; then

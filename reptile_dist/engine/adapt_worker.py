@@ -80,7 +80,9 @@ class AdaptWorker(Workspace):
                 self._poison.clear()
                 delta = torch.full_like(delta, float("nan"))
             delta = encode(delta, cfg.delta_dtype)
-            ray.get(ps.push.remote(self.index, version, delta, result.tasks, result.loss_sum, result.accuracy_sum))
+            # Not awaited: the next pull queues behind this push on the PS, and in sync mode it
+            # waits for the barrier anyway, so an acknowledgement would only add a round trip.
+            ps.push.remote(self.index, version, delta, result.tasks, result.loss_sum, result.accuracy_sum)
             adapted += result.tasks
         return {"worker": self.index, "tasks": adapted, "busy_s": busy}
 
