@@ -1,0 +1,1 @@
+"""Data sets: turn a public release into one memory-mappable table, and load it as image classes."""
