@@ -47,6 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="show a resolved config, or every knob with its range")
     _config_args(cfg)
     cfg.add_argument("--list", action="store_true", help="every knob with its default and range")
+
+    bench = sub.add_parser("bench", help="scale-out benchmark on the engine's actors: throughput, efficiency, PS capacity")
+    bench.add_argument("--config", default="omniglot-5w1s", help=f"preset ({', '.join(PRESETS)}) or YAML file")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--out", required=True, help="folder for bench.parquet, bench.md and the plots")
+    bench.add_argument("--workers", default="1,2", help="worker counts, e.g. 1,2,4 (W=1 always runs: the baseline)")
+    bench.add_argument("--modes", default="sync,async", help="sync and/or async")
+    bench.add_argument("--seconds", type=float, default=20.0, help="measured seconds per combination")
+    bench.add_argument("--warmup", type=float, default=5.0, help="seconds run before measuring")
+    bench.add_argument("--straggler", type=float, default=1.0, metavar="FACTOR",
+                       help="also run each mode at the largest W with worker `straggler_worker` FACTOR times slower")
+    bench.add_argument("--address", help="join an existing Ray cluster ('auto' or ray://host:10001)")
+    bench.add_argument("--capacity-params", default="", help="PS capacity sweep over model sizes, e.g. 100k,1M,10M")
+    bench.add_argument("--capacity-dtypes", default="float64,float32,bfloat16,float16", help="delta precisions on the wire")
+    bench.add_argument("--capacity-pushers", default="2", help="pusher actors feeding the PS, e.g. 1,2,4")
+    bench.add_argument("--capacity-seconds", type=float, default=5.0, help="measured seconds per capacity point")
+    bench.add_argument("--model-presets", default="omniglot-5w1s,omniglot-5w5s,omniglot-20w1s,omniglot-20w5s",
+                       help="presets the scaling model gives worker limits for (with --capacity-params)")
+    bench.add_argument("--no-engine", action="store_true", help="skip the engine runs (capacity sweep and model only)")
+
+    tune = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune (definitions in tuning/)")
+    tune.add_argument("--sweep", required=True, help="sweep definition (YAML), e.g. tuning/sine.yaml")
+    tune.add_argument("--address", help="join an existing Ray cluster ('auto' or ray://host:10001)")
+    tune.add_argument("--out", help="results folder or s3:// / gs:// URI (default runs/sweeps/<sweep name>)")
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
     return parser
 
 
@@ -119,7 +144,38 @@ def cmd_config(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "config": cmd_config}
+def cmd_tune(args) -> int:
+    from reptile_dist.sweep import load_sweep
+    from reptile_dist.sweep.runner import run_sweep
+
+    spec = load_sweep(args.sweep)  # validated before anything starts
+    outcome = run_sweep(spec, args.out or f"runs/sweeps/{spec.name}", address=args.address, resume=args.resume)
+    return 0 if outcome["best"] is not None else 1
+
+
+def cmd_bench(args) -> int:
+    import shlex
+    from pathlib import Path
+
+    from reptile_dist.bench.suite import BenchPlan, count, csv, run_bench
+
+    plan = BenchPlan(
+        config=args.config, overrides=parse_overrides(args.overrides), workers=csv(args.workers, int, "--workers"),
+        modes=() if args.no_engine else csv(args.modes, str, "--modes"), seconds=args.seconds, warmup=args.warmup,
+        straggler_factor=args.straggler, address=args.address,
+        capacity_params=csv(args.capacity_params, count, "--capacity-params"),
+        capacity_dtypes=csv(args.capacity_dtypes, str, "--capacity-dtypes"),
+        capacity_pushers=csv(args.capacity_pushers, int, "--capacity-pushers"), capacity_seconds=args.capacity_seconds,
+        model_presets=csv(args.model_presets, str, "--model-presets"),
+    )
+    command = shlex.join(["reptile-dist", *sys.argv[1:]]) if Path(sys.argv[0]).name == "reptile-dist" else ""
+    written = run_bench(plan, args.out, command)
+    print(written["bench.md"].read_text(), end="")
+    print("wrote " + ", ".join(str(path) for path in written.values()))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "config": cmd_config, "tune": cmd_tune, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"reptile-dist: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "RunFailed":
+            raise
+        print(f"reptile-dist: run stopped: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("reptile-dist: interrupted; the run directory keeps its last checkpoint", file=sys.stderr)
         return 130

@@ -44,6 +44,8 @@ class Config:
     inner_steps: int = knob(5, "inner steps per meta-training task", lo=1)
     inner_batch_size: int = knob(10, "inner mini-batch size", lo=1)
     inner_replacement: bool = knob(False, "draw inner mini-batches with replacement")
+    batched_adaptation: bool = knob(False, "adapt a push's tasks side by side (torch.func.vmap); same deltas "
+                                           "to float rounding; slower than the loop on the CPUs measured")
 
     # Outer loop (meta update).
     meta_iters: int = knob(100_000, "meta-iterations (outer steps)", lo=1)
@@ -68,18 +70,29 @@ class Config:
 
     # Distributed engine.
     backend: str = knob("local", "local: one process; ray: actors", choices=("local", "ray"))
-    mode: str = knob("sync", "sync: barrier per meta-step; async: apply deltas on arrival",
+    mode: str = knob("sync", "sync: barrier per meta-step; async: apply deltas on arrival; "
+                             "allreduce: Ray Train workers all-reduce deltas, no parameter server",
                      choices=("sync", "async", "allreduce"))
+    max_failures: int = knob(3, "allreduce: worker-group restarts from the last checkpoint after a failure (-1: no limit)",
+                             lo=-1)
     workers: int = knob(2, "adapt workers", lo=1)
     cpus_per_worker: float = knob(1.0, "CPUs reserved per worker when the cluster has no GPUs", lo=0.0, lo_open=True)
     gpus_per_worker: float = knob(1.0, "GPUs per worker when the cluster has GPUs (fractional allowed)", lo=0.0)
     placement: str = knob("PACK", "placement group strategy", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     staleness_bound: int = knob(4, "async: deltas staler than this many versions are dropped", lo=0)
     staleness_weighting: str = knob("none", "async: weight of a delta of staleness s", choices=("none", "inverse"))
+    on_worker_loss: str = knob("wait", "sync: when a worker dies mid-step, wait for its replacement to adapt its share, "
+                               "or skip (complete the step with the deltas that arrived)", choices=("wait", "skip"))
+    max_rejected_updates: int = knob(20, "stop the run after this many updates in a row with every delta rejected", lo=1)
     delta_dtype: str = knob("float64", "precision of deltas on the wire; float64 keeps sync runs bit-equal to local ones",
                             choices=("float64", "float32", "bfloat16", "float16"))
     torch_threads: int = knob(0, "torch threads per process; 0: automatic (local: torch's default, "
                                  "Ray worker: its CPU share rounded up)", lo=0)
+    tasks_per_push: int = knob(0, "async: tasks a worker adapts and sums into one push (fewer, larger pushes "
+                                  "relieve the parameter server); 0: ceil(meta_batch_size / workers)", lo=0)
+    straggler_factor: float = knob(1.0, "benchmarks: worker `straggler_worker` sleeps (factor - 1) x its adapt "
+                                        "time after every adaptation", lo=1.0)
+    straggler_worker: int = knob(0, "benchmarks: index of the slowed worker", lo=0)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -88,6 +101,8 @@ class Config:
             raise ConfigError(
                 f"meta_step_size_final={self.meta_step_size_final} must not exceed meta_step_size={self.meta_step_size}"
             )
+        if self.straggler_factor > 1 and self.straggler_worker >= self.workers:
+            raise ConfigError(f"straggler_worker={self.straggler_worker} is out of range (must be < workers={self.workers})")
         if self.val_characters and self.family != "omniglot":
             raise ConfigError("val_characters applies to the omniglot family only")
 

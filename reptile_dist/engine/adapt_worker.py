@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ from reptile_dist.reptile import adapt_tasks
 from reptile_dist.tasks import build_family
 from reptile_dist.training import make_learner
 from reptile_dist.engine.wire import encode
+
+PUSH_LOG_LENGTH = 100_000  # the newest pushes kept for push_log()
 
 
 class Workspace:
@@ -45,46 +48,77 @@ class AdaptWorker(Workspace):
         super().__init__(cfg)
         self.index = index
         self._poison = threading.Event()
+        # run() may be called again while an old loop is still finishing (after the PS was
+        # restored): the newest loop owns the learner, an older one stops at its next turn.
+        self._loop = 0
+        self._learner_lock = threading.Lock()
+        self._pushes: deque[tuple[float, float, int, int]] = deque(maxlen=PUSH_LOG_LENGTH)
 
     def shares(self, version: int) -> list[int]:
         """Task indices this worker adapts for `version`.
 
         sync: task i of the meta-step goes to worker i mod W, so the meta-batch is the local
-        trainer's whichever workers take it. async: ceil(meta_batch_size / W) tasks of its own per
-        push, indexed by worker, so two workers starting from one version draw different tasks."""
+        trainer's whichever workers take it. async: `tasks_per_push` (default ceil(meta_batch_size
+        / W)) tasks of its own per push, indexed by worker, so two workers starting from one version
+        draw different tasks."""
         cfg = self.cfg
         if cfg.mode == "async":
-            per_push = math.ceil(cfg.meta_batch_size / cfg.workers)
+            per_push = cfg.tasks_per_push or math.ceil(cfg.meta_batch_size / cfg.workers)
             return list(range(self.index * per_push, (self.index + 1) * per_push))
         return list(range(self.index, cfg.meta_batch_size, cfg.workers))
 
     def run(self, ps) -> dict[str, Any]:
         """Pull theta, adapt this worker's share, push the summed delta; until the PS says done."""
         cfg = self.cfg
+        self._loop += 1
+        loop = self._loop
         version = -1
         adapted, busy = 0, 0.0
-        while True:
+        while loop == self._loop:
             got = ray.get(ps.pull.remote(-1 if cfg.mode == "async" else version))
             if got is None:
                 break
             theta_ref, version = got
-            theta = torch.tensor(ray.get(theta_ref))  # object-store arrays are read-only: copy
+            pulled = ray.get(theta_ref)
+            theta = torch.tensor(pulled)  # object-store arrays are read-only: copy
             share = self.shares(version)
             if not share:
                 continue
-            t0 = time.perf_counter()
-            result = adapt_tasks(self.learner, self.family, theta, cfg, version, share)
-            busy += time.perf_counter() - t0
+            with self._learner_lock:
+                if loop != self._loop:
+                    break
+                t0 = time.perf_counter()
+                result = adapt_tasks(self.learner, self.family, theta, cfg, version, share)
+                adapt_s = time.perf_counter() - t0
+                busy += adapt_s
+            if cfg.straggler_factor > 1 and self.index == cfg.straggler_worker:
+                time.sleep((cfg.straggler_factor - 1) * adapt_s)  # a slower device, for benchmarks
             delta = result.delta
             if self._poison.is_set():
                 self._poison.clear()
                 delta = torch.full_like(delta, float("nan"))
-            delta = encode(delta, cfg.delta_dtype)
+            # Rejected here already: a non-finite delta is not worth its bytes (the PS counts it).
+            delta = encode(delta, cfg.delta_dtype) if torch.isfinite(delta).all() else None
             # Not awaited: the next pull queues behind this push on the PS, and in sync mode it
             # waits for the barrier anyway, so an acknowledgement would only add a round trip.
-            ps.push.remote(self.index, version, delta, result.tasks, result.loss_sum, result.accuracy_sum)
+            sent_wall, sent = time.time(), time.perf_counter()
+            ack = ps.push.remote(self.index, version, delta, result.tasks, result.loss_sum, result.accuracy_sum)
+            self._log_push(ack, sent_wall, sent, 0 if delta is None else delta.nbytes, pulled.nbytes)
             adapted += result.tasks
-        return {"worker": self.index, "tasks": adapted, "busy_s": busy}
+        latencies = [entry[1] for entry in self._pushes]
+        return {"worker": self.index, "tasks": adapted, "busy_s": busy,
+                "push_latency_median_s": float(np.median(latencies)) if latencies else math.nan,
+                "push_latency_p95_s": float(np.percentile(latencies, 95)) if latencies else math.nan}
+
+    def _log_push(self, ack, sent_wall: float, sent: float, pushed_bytes: int, pulled_bytes: int) -> None:
+        """Push latency, send to the PS having applied it, taken when the acknowledgement arrives
+        (a callback: the loop itself never waits for it)."""
+        ack.future().add_done_callback(
+            lambda _: self._pushes.append((sent_wall, time.perf_counter() - sent, pushed_bytes, pulled_bytes)))
+
+    def push_log(self) -> list[tuple[float, float, int, int]]:
+        """(wall time sent, latency s, delta bytes pushed, theta bytes pulled) of the newest pushes."""
+        return list(self._pushes)
 
     def poison_next_push(self) -> None:
         """Fault injection for tests and drills: the next delta this worker sends is all NaN."""

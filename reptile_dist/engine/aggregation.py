@@ -28,7 +28,7 @@ from reptile_dist.reptile import OuterOptimizer
 class Push:
     worker: int
     version: int
-    delta: np.ndarray  # sum over the push's tasks of (theta_i - theta), decoded from the wire
+    delta: np.ndarray | None  # sum over the push's tasks of (theta_i - theta); None: the worker rejected it
     tasks: int
     loss_sum: float
     accuracy_sum: float
@@ -64,6 +64,7 @@ class Aggregator:
         self.messages: list[str] = []
         self._pending: list[Push] = []
         self._pending_tasks = 0
+        self._pushed: set[int] = set()  # workers heard from at this version (a replacement may push again)
 
     @property
     def theta(self) -> np.ndarray:
@@ -81,7 +82,7 @@ class Aggregator:
         return self.progress >= self.cfg.meta_iters
 
     def _finite(self, push: Push) -> bool:
-        if np.isfinite(push.delta).all() and np.isfinite(push.loss_sum):
+        if push.delta is not None and np.isfinite(push.delta).all() and np.isfinite(push.loss_sum):
             return True
         self.counters.rejected_nonfinite += 1
         self.counters.rejected_by_worker[push.worker] += 1
@@ -95,9 +96,10 @@ class Aggregator:
         return self._push_sync(p)
 
     def _push_sync(self, p: Push) -> dict[str, Any] | None:
-        if p.version != self.version:
+        if p.version != self.version or p.worker in self._pushed:
             self.messages.append(f"ignored a delta for version {p.version} from worker {p.worker} (at {self.version})")
             return None
+        self._pushed.add(p.worker)
         self._pending_tasks += p.tasks
         if self._finite(p):
             self._pending.append(p)
@@ -108,6 +110,7 @@ class Aggregator:
     def complete_step(self) -> dict[str, Any]:
         """Apply the finite deltas that arrived for this version and release the next one."""
         arrived, self._pending, self._pending_tasks = self._pending, [], 0
+        self._pushed = set()
         tasks = sum(p.tasks for p in arrived)
         step_size = self.cfg.meta_step_size_at(self.version)
         row = {"step": self.version + 1, "meta_step_size": step_size, "tasks": tasks}

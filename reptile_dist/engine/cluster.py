@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -13,8 +14,22 @@ HEAD_RESOURCE = "reptile_head"  # advertised by the head node in cluster/ config
 NAMESPACE = "reptile-dist"
 
 
-class ClusterError(RuntimeError):
-    """The Ray cluster could not be reached or cannot host the run."""
+class ClusterError(ValueError):
+    """The Ray cluster could not be reached or cannot host the run (a user-facing, one-line error)."""
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes: ray.init keeps retrying an address that does not answer."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r} is not 'auto', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}") from None
 
 
 def logical_cpus_needed(cfg: Config) -> float:
@@ -30,6 +45,8 @@ def ray_cluster(cfg: Config, address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield  # inside a Tune trial or a caller's session: use it, leave it running
         return
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)

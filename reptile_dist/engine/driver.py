@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
@@ -36,7 +37,14 @@ class RunFailed(RuntimeError):
 
 def train_ray(cfg: Config, out: str, address: str | None = None, resume: bool = False, progress: bool = True,
               say: Callable[[str], None] = print, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Meta-train with Ray actors; the run directory ends up with the same files as a local run."""
+    """Meta-train with Ray actors; the run directory ends up with the same files as a local run.
+
+    `on_log(row)` is called with every logged row and, when a periodic evaluation finishes, with
+    `{"step": its step, "eval_...": ...}`."""
+    if cfg.mode == "allreduce":  # no parameter server: a Ray Train worker group (allreduce.py)
+        from reptile_dist.engine.allreduce import train_allreduce
+
+        return train_allreduce(cfg, out, address, resume, progress, say, on_log)
     with ray_cluster(cfg, address):
         return EngineRun(cfg, out, resume, progress, say, on_log).run()
 
@@ -54,6 +62,10 @@ class EngineRun:
         self.window: list[dict[str, Any]] = []
         self.next_log = 0
         self.last_logged_wall = 0.0
+        self.ps_generation = 0
+        self.workers_replaced = 0
+        self.redone_steps = 0
+        self.redone_tasks = 0
 
     # --- actors -------------------------------------------------------------------------
     def _placement(self):
@@ -73,19 +85,24 @@ class EngineRun:
         return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offset + index,
                                                 placement_group_capture_child_tasks=False)
 
-    def start_worker(self, w: int):
+    def start_worker(self, w: int, generation: int = 0):
         res = engine_bundles(self.cfg)[1]
         return ray.remote(AdaptWorker).options(
-            name=f"worker-{self.run_id}-{w}", max_concurrency=2, num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
+            name=f"worker-{self.run_id}-{w}" + (f"-r{generation}" if generation else ""), max_concurrency=3, num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
             scheduling_strategy=self._in_bundle(1 + w),
         ).remote(self.cfg.to_dict(), w)
 
+    def start_ps(self, theta: np.ndarray, outer_state: dict, version: int, applied_tasks: int):
+        self.ps_generation += 1
+        return ray.remote(ParameterServer).options(
+            name=f"ps-{self.run_id}-{self.ps_generation}", num_cpus=0.5, max_concurrency=1000,
+            scheduling_strategy=self._in_bundle(0),
+        ).remote(self.cfg.to_dict(), theta, outer_state, version, applied_tasks)
+
     def start_actors(self, s: RunSetup) -> None:
         restored = s.restored or {}
-        self.ps = ray.remote(ParameterServer).options(
-            name=f"ps-{self.run_id}", num_cpus=0.5, max_concurrency=1000, scheduling_strategy=self._in_bundle(0),
-        ).remote(self.cfg.to_dict(), s.outer.theta.numpy(), s.outer.state_dict(), restored.get("version", s.start_step),
-                 restored.get("applied_tasks", s.start_step * self.cfg.meta_batch_size))
+        self.ps = self.start_ps(s.outer.theta.numpy(), s.outer.state_dict(), restored.get("version", s.start_step),
+                                restored.get("applied_tasks", s.start_step * self.cfg.meta_batch_size))
         self.evaluator = ray.remote(Workspace).options(num_cpus=0.5, scheduling_strategy=self._in_bundle(0)).remote(self.cfg.to_dict())
         self.workers = [self.start_worker(w) for w in range(self.cfg.workers)]
         self.placements = ray.get([w.where.remote() for w in self.workers])  # also waits for data loading
@@ -96,6 +113,7 @@ class EngineRun:
         started = time.perf_counter()
         s = setup_run(cfg, self.out, self.resume, self.say)
         self.setup = s
+        self.initial_outer = s.outer.state_dict()
         self.next_log = (s.start_step // cfg.log_every + 1) * cfg.log_every
         self.pg, self.offset, own_pg = self._placement()
         try:
@@ -104,9 +122,10 @@ class EngineRun:
             if s.start_step == 0:
                 before_ref = self.evaluator.evaluate.remote(s.outer.theta.numpy(), periodic_split(s.family), cfg.eval_tasks_periodic)
             throughput = Throughput()
+            self.session_start_tasks = s.start_step * cfg.meta_batch_size
             runs = {w.run.remote(self.ps): i for i, w in enumerate(self.workers)}
             info = self.watch(runs, s)
-            throughput.pause(info["counters"]["applied_tasks"] - s.start_step * cfg.meta_batch_size)
+            throughput.pause(self.tasks_this_session(info))
             state = ray.get(self.ps.state.remote())
             self.collect_evals(wait=True)
             before = None
@@ -119,21 +138,36 @@ class EngineRun:
                      "rejected_nonfinite": info["counters"]["rejected_nonfinite"],
                      "rejected_by_worker": info["counters"]["rejected_by_worker"],
                      "staleness_histogram": info["counters"]["staleness"],
+                     "workers_replaced": self.workers_replaced, "ps_restarts": self.ps_generation - 1,
+                     "redone_steps": self.redone_steps,
                      "worker_nodes": sorted({p["node_id"] for p in self.placements}),
                      "worker_devices": sorted({p["device"] for p in self.placements})}
             step = cfg.meta_iters
             return finish_run(s, theta, step, throughput, time.perf_counter() - started, before, extra, self.say, test)
         finally:
+            s.run.flush_metrics()
             self.shutdown(own_pg)
 
+    def tasks_this_session(self, info: dict[str, Any]) -> int:
+        return self.redone_tasks + info["counters"]["applied_tasks"] - self.session_start_tasks
+
     def watch(self, runs: dict, s: RunSetup) -> dict[str, Any]:
-        """Drain the PS every tick until the run is done and every worker loop has returned."""
+        """Drain the PS every tick until the run is done and every worker loop has returned;
+        replace dead workers, restore a dead PS from the last checkpoint."""
         cfg = self.cfg
         bar = tqdm(total=cfg.meta_iters, initial=s.start_step, disable=not self.progress, desc="meta-train",
                    dynamic_ncols=True)
         shown = s.start_step
+        returned: set[int] = set()
+        last_progress = float(s.start_step)
         while True:
-            info = ray.get(self.ps.drain.remote())
+            try:
+                info = ray.get(self.ps.drain.remote())
+            except RayActorError:
+                runs = self.restore_ps(s, last_progress)
+                returned.clear()
+                continue
+            last_progress = info["progress"]
             self.handle(info, s)
             now = int(info["progress"])
             bar.update(now - shown)
@@ -141,16 +175,63 @@ class EngineRun:
             if self.window and self.progress:
                 last = s.run.metrics[-1] if s.run.metrics else {}
                 bar.set_postfix({k: f"{last[k]:.3g}" for k in ("train_loss", "tasks_per_s") if isinstance(last.get(k), float)})
-            if info["rejected_in_a_row"] >= max(10, cfg.workers * 10):
+            if info["rejected_in_a_row"] >= cfg.max_rejected_updates:
                 raise RunFailed(f"every delta was rejected for {info['rejected_in_a_row']} updates in a row "
-                                f"(non-finite losses?); stopped at meta-step {now}, last checkpoint kept")
-            finished, _ = ray.wait(list(runs), num_returns=len(runs), timeout=0)
+                                f"(non-finite losses?); stopped at meta-step {now}, checkpoints kept")
+            finished, _ = ray.wait([r for r, w in runs.items() if w not in returned], timeout=0,
+                                   num_returns=len(runs) - len(returned))
             for ref in finished:
-                ray.get(ref)  # re-raises a worker's error
-            if info["done"] and len(finished) == len(runs):
+                w = runs[ref]
+                try:
+                    ray.get(ref)
+                    returned.add(w)
+                except RayTaskError as exc:
+                    if isinstance(exc, RayActorError):
+                        break  # the worker lost the PS; the next drain notices and restores it
+                    raise
+                except RayActorError:
+                    if not info["done"]:
+                        runs.pop(ref)
+                        runs[self.replace_worker(w, info)] = w
+                    else:
+                        returned.add(w)
+            if info["done"] and len(returned) == len(runs):
                 bar.close()
                 return info
             time.sleep(TICK_S)
+
+    def replace_worker(self, w: int, info: dict[str, Any]):
+        """A worker died: its in-flight delta is lost. Start a replacement with the same index
+        (so it takes the same task share); in sync mode either wait for it to adapt that share
+        or, with on_worker_loss=skip, complete the step with the deltas that arrived."""
+        self.workers_replaced += 1
+        self.say(f"worker {w} died at meta-step {int(info['progress'])}; starting a replacement")
+        if self.cfg.mode == "sync" and self.cfg.on_worker_loss == "skip":
+            ray.get(self.ps.complete_step.remote())
+        self.workers[w] = self.start_worker(w, generation=self.workers_replaced)
+        self.placements[w] = ray.get(self.workers[w].where.remote())
+        self.setup.run.log({"step": info["progress"], "event": f"worker {w} replaced"})
+        return self.workers[w].run.remote(self.ps)
+
+    def restore_ps(self, s: RunSetup, progress: float) -> dict:
+        """The PS died: restore theta, the outer optimizer and the step from the newest readable
+        checkpoint (tasks are seeded by step, so that is the whole RNG state) and restart every
+        worker loop against the new PS. At most one checkpoint interval is redone."""
+        state = s.run.latest_checkpoint(warn=self.say)
+        if state is None:
+            state = {"step": 0, "outer": self.initial_outer, "version": 0, "applied_tasks": 0}
+        step = int(state["step"])
+        self.redone_steps += max(0, int(progress) - step)
+        self.redone_tasks += max(0, int(round((progress - step) * self.cfg.meta_batch_size)))
+        self.say(f"parameter server lost at meta-step {int(progress)}; restored from meta-step {step}")
+        self.ps = self.start_ps(state["outer"]["theta"].numpy(), state["outer"], state.get("version", step),
+                                state.get("applied_tasks", step * self.cfg.meta_batch_size))
+        s.run.truncate_metrics(step)
+        s.run.log({"step": step, "event": f"parameter server restored (redid {int(progress) - step} meta-steps)"})
+        self.window = []
+        self.next_log = (step // self.cfg.log_every + 1) * self.cfg.log_every
+        self.pending_evals = {ref: st for ref, st in self.pending_evals.items() if st <= step}
+        return {w.run.remote(self.ps): i for i, w in enumerate(self.workers)}
 
     def handle(self, info: dict[str, Any], s: RunSetup) -> None:
         for message in info["messages"]:
@@ -190,6 +271,8 @@ class EngineRun:
             "dropped_stale": counters["dropped_stale"],
             "rejected_nonfinite": counters["rejected_nonfinite"],
             "ps_busy_fraction": info["busy_fraction"],
+            "workers_replaced": self.workers_replaced,
+            "ps_restarts": self.ps_generation - 1,
         }
         s.run.log(row)
         while self.next_log <= row["step"]:
@@ -210,6 +293,8 @@ class EngineRun:
                 rows.append({"step": step, **result})
             else:
                 match.update(result)
+            if self.on_log is not None:  # evaluations finish after their step was logged (Tune reports them)
+                self.on_log({"step": step, **result})
 
     def sharded_eval(self, theta: np.ndarray, split: str, tasks: int) -> dict[str, float]:
         """The final evaluation split across the workers and the evaluator (they are idle now)."""

@@ -58,7 +58,8 @@ class ParameterServer:
         t0 = time.perf_counter()
         if self.agg.done or self.stopped:
             return
-        row = self.agg.push(Push(worker, version, decode(delta, self.cfg.delta_dtype), tasks, loss_sum, accuracy_sum))
+        payload = None if delta is None else decode(delta, self.cfg.delta_dtype)
+        row = self.agg.push(Push(worker, version, payload, tasks, loss_sum, accuracy_sum))
         if row is not None:
             self._after_update(row)
         self.busy_s += time.perf_counter() - t0
@@ -96,7 +97,8 @@ class ParameterServer:
         return {"rows": rows, "snapshots": snaps, "messages": messages, "version": self.agg.version,
                 "progress": self.agg.progress, "done": self.agg.done, "counters": self.agg.counters.as_dict(),
                 "rejected_in_a_row": self.agg.counters.rejected_in_a_row,
-                "busy_fraction": self.busy_s / max(time.perf_counter() - self.started, 1e-9)}
+                "busy_fraction": self.busy_s / max(time.perf_counter() - self.started, 1e-9),
+                "busy_s": self.busy_s, "uptime_s": time.perf_counter() - self.started}
 
     def state(self) -> dict[str, Any]:
         return {**self.agg.state(), "theta": self.agg.theta.copy()}
