@@ -1,0 +1,98 @@
+"""How many deltas one parameter server absorbs per second, against model size and the deltas'
+precision on the wire.
+
+Pushers stand in for adapt workers that take no time to adapt: each pulls theta and pushes a
+ready-made delta, as fast as the PS lets it, in the worker's own pattern (a pull, then a push
+that is not awaited but runs before the next pull). The PS is the engine's, in async mode (every
+push a new version, so every pull a fresh object-store copy of theta), with no staleness bound,
+so every delta is applied.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from reptile_dist.bench.runner import load_1m, wait_for_pushes, window_figures
+from reptile_dist.config import Config
+from reptile_dist.engine.parameter_server import ParameterServer
+from reptile_dist.engine.wire import encode
+
+
+class Pusher:
+    """Pull theta, push the same delta again; until the PS stops."""
+
+    def __init__(self, index: int, delta: np.ndarray):
+        self.index = index
+        self.delta = delta
+        self.pushes: list[tuple[float, float, int, int]] = []
+
+    def run(self, ps) -> int:
+        count, ack = 0, None
+        while True:
+            got = ray.get(ps.pull.remote(-1, ack))
+            if got is None:
+                return count
+            theta = ray.get(got[0])
+            sent_wall, sent = time.time(), time.perf_counter()
+            ack = ps.push.remote(self.index, got[1], self.delta, 1, 0.0, 0.0)
+            ack.future().add_done_callback(
+                lambda _, w=sent_wall, t=sent, n=theta.nbytes: self.pushes.append((w, time.perf_counter() - t,
+                                                                                   self.delta.nbytes, n)))
+            count += 1
+
+    def push_log(self) -> list[tuple[float, float, int, int]]:
+        return list(self.pushes)
+
+
+def measure_capacity(params: int, dtype: str, pushers: int, seconds: float, warmup: float) -> dict[str, Any]:
+    cfg = Config(backend="ray", mode="async", workers=pushers, meta_iters=10**12, staleness_bound=10**9,
+                 delta_dtype=dtype, eval_every=0, checkpoint_every=0)
+    delta = encode(torch.randn(params, generator=torch.Generator().manual_seed(0)) * 1e-4, dtype)
+    ps = ray.remote(ParameterServer).options(num_cpus=0.5, max_concurrency=1000) \
+        .remote(cfg.to_dict(), np.zeros(params, dtype=np.float32))
+    senders = [ray.remote(Pusher).options(num_cpus=0.5, max_concurrency=2).remote(i, delta) for i in range(pushers)]
+    try:
+        load_before = load_1m()
+        runs = [s.run.remote(ps) for s in senders]
+        wait_for_pushes(ps, runs, pushers)
+        time.sleep(warmup)
+        first, wall0 = ray.get(ps.drain.remote()), time.time()
+        time.sleep(seconds)
+        last, wall1 = ray.get(ps.drain.remote()), time.time()
+        ray.get(ps.stop.remote())
+        ray.get(runs)
+        logs = ray.get([s.push_log.remote() for s in senders])
+    finally:
+        for actor in (ps, *senders):
+            ray.kill(actor)
+    window = window_figures(first, last, [e for log in logs for e in log if wall0 <= e[0] < wall1])
+    busy_per_push = (last["busy_s"] - first["busy_s"]) / max(last["counters"]["pushes"] - first["counters"]["pushes"], 1)
+    return {
+        "params": params, "delta_dtype": dtype, "delta_mb": delta.nbytes / 1e6, "pushers": pushers,
+        "pushes_per_s": window["pushes_per_s"],
+        # What the push handler alone (decode, sum in float64, apply) could take, Ray's transport aside.
+        "handler_pushes_per_s": 1.0 / busy_per_push if busy_per_push > 0 else math.nan,
+        "ps_busy_fraction": window["ps_busy_fraction"],
+        "push_latency_median_ms": window["push_latency_median_ms"],
+        "push_latency_p95_ms": window["push_latency_p95_ms"],
+        "mb_per_s": window["mb_per_s"], "window_s": window["window_s"], "load_1m": max(load_before, load_1m()),
+    }
+
+
+def capacity_sweep(params: list[int], dtypes: list[str], pushers: list[int], seconds: float, warmup: float,
+                   say=print) -> list[dict[str, Any]]:
+    rows = []
+    for n in params:
+        for dtype in dtypes:
+            for p in pushers:
+                row = measure_capacity(n, dtype, p, seconds, warmup)
+                say(f"PS capacity  {n:>10,} params  {dtype:8}  {p} pushers: {row['pushes_per_s']:7.1f} pushes/s  "
+                    f"(handler alone {row['handler_pushes_per_s']:7.1f}/s, busy {row['ps_busy_fraction']:.2f}, "
+                    f"load {row['load_1m']:.1f})")
+                rows.append(row)
+    return rows

@@ -1,0 +1,73 @@
+"""The benchmark's tables: Parquet for analysis, Markdown for people."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ENGINE_COLUMNS = [
+    ("mode", "mode"), ("workers", "W"), ("straggler", "straggler"), ("tasks_per_s", "tasks/s"),
+    ("meta_steps_per_s", "meta-steps/s"), ("efficiency_vs_w1", "eff. vs W=1"),
+    ("efficiency_vs_local", "eff. vs local"), ("ps_busy_fraction", "PS busy"),
+    ("push_latency_median_ms", "push ms (median)"), ("push_latency_p95_ms", "push ms (p95)"),
+    ("staleness_mean", "staleness mean"), ("staleness_max", "staleness max"), ("dropped_deltas", "dropped"),
+    ("mb_per_s", "MB/s"), ("nodes", "nodes"), ("load_1m", "load"),
+]
+CAPACITY_COLUMNS = [
+    ("params", "params"), ("delta_dtype", "delta on the wire"), ("delta_mb", "delta MB"), ("pushers", "pushers"),
+    ("pushes_per_s", "deltas absorbed/s"), ("handler_pushes_per_s", "handler alone/s"), ("ps_busy_fraction", "PS busy"),
+    ("push_latency_median_ms", "push ms (median)"), ("mb_per_s", "MB/s"), ("load_1m", "load"),
+]
+MODEL_COLUMNS = [
+    ("preset", "preset"), ("params", "params"), ("worker_tasks_per_s", "worker tasks/s"), ("delta_dtype", "delta"),
+    ("capacity_pushes_per_s", "PS deltas/s"), ("sync_max_workers", "sync: max W"),
+    ("async_max_workers", "async: max W"), ("async_presum_max_workers", "async, tasks_per_push=B: max W"),
+]
+
+
+def write_parquet(rows: list[dict[str, Any]], path: Path) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "—" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "—"
+        if value == 0 or abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def engine_section(rows: list[dict[str, Any]]) -> str:
+    first = rows[0]
+    lines = [
+        f"Config `{first['config']}` ({first['params']:,} parameters, meta-batch {first['meta_batch_size']}, "
+        f"deltas as {first['delta_dtype']}), {first['window_s']:.0f} s measured per row after a warm-up, "
+        f"cluster `{first['address']}`, {first['cpu_count']} cores.",
+        f"Local single-process trainer (same threads as one worker): {first['local_tasks_per_s']:.1f} tasks/s "
+        f"(per-task loop), {first['local_batched_tasks_per_s']:.1f} tasks/s (batched, vmap).",
+        "",
+        markdown_table(rows, ENGINE_COLUMNS),
+    ]
+    return "\n".join(lines)
+
+
+def write_markdown(sections: list[tuple[str, str]], path: Path) -> Path:
+    path.write_text("\n\n".join(f"## {title}\n\n{body}" for title, body in sections) + "\n")
+    return path

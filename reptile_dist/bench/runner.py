@@ -1,0 +1,152 @@
+"""One benchmark combination, and the local baseline.
+
+A combination runs the engine's own actors (one ParameterServer, W AdaptWorkers, placed as the
+driver places them) for a warm-up, then for a measured window of fixed length, after which the
+bench stops the PS: no meta_iters, no evaluation, no checkpoints. Every figure is a difference
+between two PS drains (or the workers' push logs) taken at the window's ends.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from reptile_dist.config import Config
+from reptile_dist.engine.adapt_worker import AdaptWorker
+from reptile_dist.engine.cluster import ClusterError, engine_bundles
+from reptile_dist.engine.parameter_server import ParameterServer
+from reptile_dist.reptile import OuterOptimizer, adapt_tasks
+from reptile_dist.tasks import TaskFamily
+from reptile_dist.training import make_learner
+
+PLACEMENT_TIMEOUT_S = 120
+# The PS never finishes on its own (the bench stops it) and has nothing to snapshot.
+FIXED_TIME = dict(backend="ray", meta_iters=10**12, eval_every=0, checkpoint_every=0)
+
+
+def load_1m() -> float:
+    return os.getloadavg()[0]
+
+
+def measure_local(cfg: Config, family: TaskFamily, seconds: float, warmup: float) -> float:
+    """Tasks/s of the local trainer's loop (adapt a meta-batch, apply the outer update) in this
+    process, with the torch threads of one adapt worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.torch_threads or max(1, math.ceil(cfg.cpus_per_worker)))
+    try:
+        learner = make_learner(cfg, family)
+        outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer)
+
+        def meta_step(step: int) -> None:
+            result = adapt_tasks(learner, family, outer.theta, cfg, step, range(cfg.meta_batch_size))
+            outer.apply((result.delta / result.tasks).float(), cfg.meta_step_size_at(step))
+
+        step, warm_until = 0, time.perf_counter() + warmup
+        while step == 0 or time.perf_counter() < warm_until:  # the first step pays torch's lazy imports
+            meta_step(step)
+            step += 1
+        start, tasks = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            meta_step(step)
+            step += 1
+            tasks += cfg.meta_batch_size
+        return tasks / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_engine(cfg: Config, theta: np.ndarray, seconds: float, warmup: float) -> dict[str, Any]:
+    """Run the PS and cfg.workers adapt workers for `warmup` + `seconds`; figures of the window."""
+    cfg = cfg.replace(**FIXED_TIME)
+    bundles = engine_bundles(cfg)
+    pg = placement_group(bundles, strategy=cfg.placement)
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(pg)
+        raise ClusterError(f"the cluster cannot place {len(bundles)} bundles {bundles} "
+                           f"within {PLACEMENT_TIMEOUT_S} s: {ray.available_resources()} available")
+
+    def bundle(i: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+
+    actors = []
+    try:
+        ps = ray.remote(ParameterServer).options(num_cpus=0.5, max_concurrency=1000, scheduling_strategy=bundle(0)) \
+            .remote(cfg.to_dict(), theta)
+        actors.append(ps)
+        for w in range(cfg.workers):
+            actors.append(ray.remote(AdaptWorker).options(
+                max_concurrency=2, num_cpus=bundles[1 + w]["CPU"], num_gpus=bundles[1 + w].get("GPU", 0),
+                scheduling_strategy=bundle(1 + w)).remote(cfg.to_dict(), w))
+        workers = actors[1:]
+        ray.get([w.where.remote() for w in workers])  # actors up, data loaded
+        load_before = load_1m()
+        runs = [w.run.remote(ps) for w in workers]
+        wait_for_pushes(ps, runs, cfg.workers)
+        time.sleep(warmup)
+        first, wall0 = ray.get(ps.drain.remote()), time.time()
+        time.sleep(seconds)
+        last, wall1 = ray.get(ps.drain.remote()), time.time()
+        ray.get(ps.stop.remote())
+        ray.get(runs)  # re-raises a worker's error
+        logs = ray.get([w.push_log.remote() for w in workers])
+        nodes = placement_group_table(pg)["bundles_to_node_id"]
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        remove_placement_group(pg)
+    row = window_figures(first, last, [e for log in logs for e in log if wall0 <= e[0] < wall1])
+    row.update(nodes=len(set(nodes.values())), worker_nodes_off_ps=sum(nodes[i] != nodes[0] for i in range(1, 1 + cfg.workers)),
+               load_1m=max(load_before, load_1m()))
+    return row
+
+
+def wait_for_pushes(ps, runs: list, count: int, timeout_s: float = 300.0) -> None:
+    """Until `count` pushes have arrived: a process's first inner loop costs seconds of lazy
+    initialisation in torch, which the warm-up should not have to cover."""
+    deadline = time.monotonic() + timeout_s
+    while ray.get(ps.drain.remote())["counters"]["pushes"] < count:
+        done, _ = ray.wait(runs, timeout=0)
+        if done:
+            ray.get(done)  # a worker failed
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} pushes reached the parameter server in {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def window_figures(first: dict[str, Any], last: dict[str, Any], pushes: list[tuple[float, float, int, int]]) -> dict[str, Any]:
+    """Rates between two PS drains; latency and bytes from the pushes sent in between
+    (entries of AdaptWorker.push_log: wall time sent, latency s, bytes pushed, bytes pulled)."""
+    span = last["uptime_s"] - first["uptime_s"]
+    c0, c1 = first["counters"], last["counters"]
+    pushed = c1["pushes"] - c0["pushes"]
+    dropped = c1["dropped_stale"] - c0["dropped_stale"]
+    histogram = Counter(c1["staleness"])
+    histogram.subtract(c0["staleness"])
+    histogram = {int(s): n for s, n in sorted(histogram.items()) if n > 0}
+    applied = sum(histogram.values())
+    latencies = np.array([p[1] for p in pushes]) if pushes else np.array([math.nan])
+    return {
+        "window_s": span,
+        "tasks_per_s": (c1["applied_tasks"] - c0["applied_tasks"]) / span,
+        "meta_steps_per_s": (last["progress"] - first["progress"]) / span,
+        "pushes_per_s": pushed / span,
+        "ps_busy_fraction": (last["busy_s"] - first["busy_s"]) / span,
+        "push_latency_median_ms": float(np.median(latencies)) * 1e3,
+        "push_latency_p95_ms": float(np.percentile(latencies, 95)) * 1e3,
+        "staleness_mean": sum(s * n for s, n in histogram.items()) / applied if applied else math.nan,
+        "staleness_max": max(histogram, default=math.nan),
+        "staleness_histogram": json.dumps(histogram),
+        "dropped_deltas": dropped,
+        "dropped_fraction": dropped / pushed if pushed else math.nan,
+        "mb_per_s": sum(p[2] + p[3] for p in pushes) / span / 1e6,
+    }

@@ -1,0 +1,193 @@
+"""`reptile-dist bench`: what runs, in which order, and what it writes.
+
+    local trainer, per-task loop and batched   -> tasks/s baseline
+    each mode x each W (W=1 always), then each mode at the largest W with one straggler
+                                               -> bench.parquet, bench.md, scaling.png
+    optionally: PS capacity against model size and wire precision, each preset's worker tasks/s
+                                               -> capacity.parquet, capacity.png, the model in bench.md
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from reptile_dist.bench import model
+from reptile_dist.bench.plots import plot_capacity, plot_scaling
+from reptile_dist.bench.ps_capacity import capacity_sweep
+from reptile_dist.bench.report import (CAPACITY_COLUMNS, MODEL_COLUMNS, engine_section, markdown_table, write_markdown,
+                                       write_parquet)
+from reptile_dist.bench.runner import measure_engine, measure_local
+from reptile_dist.config import Config, ConfigError, load_config
+from reptile_dist.engine.cluster import ray_cluster
+from reptile_dist.models import build_model
+from reptile_dist.tasks import build_family
+from reptile_dist.training import make_learner
+
+OMNIGLOT_PRESETS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s")
+WIRE_DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    config: str = "omniglot-5w1s"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    workers: tuple[int, ...] = (1, 2)
+    modes: tuple[str, ...] = ("sync", "async")
+    seconds: float = 20.0
+    warmup: float = 5.0
+    straggler_factor: float = 1.0  # > 1: also each mode at the largest W with one worker this much slower
+    address: str | None = None
+    capacity_params: tuple[int, ...] = ()  # model sizes for the PS capacity sweep; empty: no sweep
+    capacity_dtypes: tuple[str, ...] = WIRE_DTYPES
+    capacity_pushers: tuple[int, ...] = (2,)
+    capacity_seconds: float = 5.0
+    model_presets: tuple[str, ...] = OMNIGLOT_PRESETS
+
+    def __post_init__(self):
+        if not self.workers or min(self.workers) < 1:
+            raise ConfigError(f"--workers must be whole numbers >= 1, got {self.workers}")
+        if set(self.modes) - {"sync", "async"}:
+            raise ConfigError(f"--modes takes sync and/or async, got {','.join(self.modes)}")
+        if self.seconds <= 0 or self.warmup < 0 or self.capacity_seconds <= 0:
+            raise ConfigError("--seconds and --capacity-seconds must be > 0, --warmup >= 0")
+        if self.straggler_factor < 1:
+            raise ConfigError(f"--straggler is a slow-down factor >= 1, got {self.straggler_factor}")
+        if self.straggler_factor > 1 and max(self.workers) < 2:
+            raise ConfigError("--straggler needs a worker count of at least 2 in --workers")
+        if set(self.capacity_dtypes) - set(WIRE_DTYPES) or not self.capacity_dtypes:
+            raise ConfigError(f"--capacity-dtypes takes {', '.join(WIRE_DTYPES)}")
+        if self.capacity_params and (min(self.capacity_params) < 1 or min(self.capacity_pushers, default=0) < 1):
+            raise ConfigError("--capacity-params and --capacity-pushers must be >= 1")
+
+
+def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable[[str], None] = print) -> dict[str, Path]:
+    cfg = _with_absolute_data(load_config(plan.config, plan.overrides))
+    workers = sorted(set(plan.workers) | {1})  # W=1 is the baseline of every efficiency
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    family = build_family(cfg)
+    theta = make_learner(cfg, family).initial_theta().numpy()
+    engine_rows: list[dict[str, Any]] = []
+    capacity_rows: list[dict[str, Any]] = []
+    rates: dict[str, float] = {}
+    with ray_cluster(cfg.replace(backend="ray", workers=max(workers)), plan.address):
+        if plan.modes:
+            local = measure_local(cfg, family, plan.seconds, plan.warmup)
+            batched = measure_local(cfg.replace(batched_adaptation=True), family, plan.seconds, plan.warmup)
+            rates[plan.config] = local
+            say(f"local trainer: {local:.1f} tasks/s (per-task loop), {batched:.1f} tasks/s (batched, vmap)")
+            combos = [(mode, w, 1.0) for mode in plan.modes for w in workers]
+            if plan.straggler_factor > 1:
+                combos += [(mode, max(workers), plan.straggler_factor) for mode in plan.modes]
+            for mode, w, factor in combos:
+                c = cfg.replace(mode=mode, workers=w, straggler_factor=factor)
+                row = {**describe(plan, c, theta.size, local, batched), **measure_engine(c, theta, plan.seconds, plan.warmup)}
+                engine_rows.append(row)
+                say(f"{mode:5} W={w} {row['straggler']:>14}: {row['tasks_per_s']:7.1f} tasks/s, PS busy "
+                    f"{row['ps_busy_fraction']:.2f}, push {row['push_latency_median_ms']:.1f} ms, "
+                    f"staleness {row['staleness_mean']:.2f}, dropped {row['dropped_deltas']}, load {row['load_1m']:.1f}")
+            add_efficiencies(engine_rows)
+        if plan.capacity_params:
+            capacity_rows = capacity_sweep(list(plan.capacity_params), list(plan.capacity_dtypes),
+                                           list(plan.capacity_pushers), plan.capacity_seconds, 1.0, say)
+            for preset in plan.model_presets:
+                if preset not in rates:
+                    pcfg = _with_absolute_data(load_config(preset))
+                    rates[preset] = measure_local(pcfg, build_family(pcfg), plan.capacity_seconds, 2.0)
+                    say(f"{preset}: one worker adapts {rates[preset]:.1f} tasks/s")
+    return write_outputs(plan, out, command, engine_rows, capacity_rows, scaling_model(plan, capacity_rows, rates))
+
+
+def describe(plan: BenchPlan, cfg: Config, params: int, local: float, batched: float) -> dict[str, Any]:
+    return {
+        "config": plan.config, "family": cfg.family, "params": params, "meta_batch_size": cfg.meta_batch_size,
+        "delta_dtype": cfg.delta_dtype, "mode": cfg.mode, "workers": cfg.workers,
+        "straggler_factor": cfg.straggler_factor, "straggler_worker": cfg.straggler_worker,
+        "straggler": f"worker {cfg.straggler_worker} x{cfg.straggler_factor:g}" if cfg.straggler_factor > 1 else "none",
+        "tasks_per_push": cfg.tasks_per_push, "batched_adaptation": cfg.batched_adaptation,
+        "address": plan.address or "local", "cpu_count": os.cpu_count() or 0, "warmup_s": plan.warmup,
+        "local_tasks_per_s": local, "local_batched_tasks_per_s": batched,
+    }
+
+
+def add_efficiencies(rows: list[dict[str, Any]]) -> None:
+    """tasks/s over W times the baseline: the same mode at W=1, and the local trainer."""
+    single = {r["mode"]: r["tasks_per_s"] for r in rows if r["workers"] == 1 and r["straggler_factor"] == 1}
+    for r in rows:
+        r["efficiency_vs_w1"] = r["tasks_per_s"] / (r["workers"] * single[r["mode"]]) if single.get(r["mode"]) else math.nan
+        r["efficiency_vs_local"] = r["tasks_per_s"] / (r["workers"] * r["local_tasks_per_s"])
+
+
+def scaling_model(plan: BenchPlan, capacity_rows: list[dict[str, Any]], rates: dict[str, float]) -> list[dict[str, Any]]:
+    """Each preset's worker limit for one PS, from the capacity measured at its model size."""
+    rows = []
+    for preset in plan.model_presets if capacity_rows else ():
+        cfg = load_config(preset)
+        params = sum(p.numel() for p in build_model(cfg.model, cfg.ways, 28).parameters())
+        rate, batch = rates[preset], cfg.meta_batch_size
+        for dtype in plan.capacity_dtypes:
+            best: dict[int, float] = {}
+            for r in capacity_rows:
+                if r["delta_dtype"] == dtype:
+                    best[r["params"]] = max(best.get(r["params"], 0.0), r["pushes_per_s"])
+            capacity = model.capacity_at(params, list(best), list(best.values()))
+            rows.append({
+                "preset": preset, "params": params, "worker_tasks_per_s": rate, "meta_batch_size": batch,
+                "delta_dtype": dtype, "capacity_pushes_per_s": capacity,
+                "sync_max_workers": model.max_workers(capacity, rate, "sync", batch),
+                "async_max_workers": model.max_workers(capacity, rate, "async", batch),
+                "async_presum_max_workers": model.max_workers(capacity, rate, "async", batch, configured=batch),
+            })
+    return rows
+
+
+def write_outputs(plan: BenchPlan, out: Path, command: str, engine_rows, capacity_rows, model_rows) -> dict[str, Path]:
+    written: dict[str, Path] = {}
+    sections = []
+    if command:
+        sections.append(("Command", f"    {command}"))
+    if engine_rows:
+        written["bench.parquet"] = write_parquet(engine_rows, out / "bench.parquet")
+        written["scaling.png"] = plot_scaling(engine_rows, out / "scaling.png",
+                                              f"{plan.config}, cluster {plan.address or 'local'}")
+        sections.append((f"Scaling: {plan.config}", engine_section(engine_rows) + "\n\n![scaling](scaling.png)"))
+    if capacity_rows:
+        written["capacity.parquet"] = write_parquet(capacity_rows, out / "capacity.parquet")
+        marks = {r["preset"]: r["params"] for r in model_rows}
+        written["capacity.png"] = plot_capacity(capacity_rows, out / "capacity.png", marks)
+        sections.append(("Parameter-server capacity", markdown_table(capacity_rows, CAPACITY_COLUMNS)
+                         + "\n\n![capacity](capacity.png)"))
+    if model_rows:
+        written["model.parquet"] = write_parquet(model_rows, out / "model.parquet")
+        sections.append(("Scaling model: adapt workers one parameter server can feed",
+                         "Worker tasks/s: one process, one thread, as an adapt worker runs here. max W: the largest "
+                         "worker count whose pushes/s one PS absorbs (reptile_dist/bench/model.py).\n\n"
+                         + markdown_table(model_rows, MODEL_COLUMNS)))
+    write_markdown(sections, out / "bench.md")
+    written["bench.md"] = out / "bench.md"
+    return written
+
+
+def csv(text: str, convert: Callable[[str], Any], flag: str) -> tuple:
+    """A comma-separated command-line list."""
+    try:
+        return tuple(convert(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} expects a comma-separated list, got '{text}'") from None
+
+
+def count(text: str) -> int:
+    """100000, 100k, 1M, 1e6."""
+    scale = {"k": 1e3, "m": 1e6}.get(text[-1:].lower(), 1)
+    return int(float(text[:-1] if scale != 1 else text) * scale)
+
+
+def _with_absolute_data(cfg: Config) -> Config:
+    """Actors on other nodes start in other directories: pass the table's absolute path (it has
+    to be at that path on every node, as cluster/README.md says)."""
+    if cfg.family == "omniglot" and not os.path.isabs(cfg.data) and os.path.exists(cfg.data):
+        return cfg.replace(data=os.path.abspath(cfg.data))
+    return cfg
