@@ -134,6 +134,8 @@ def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: 
     from several workers then add up to the local trainer's sum bit for bit, which matters
     because Adam with beta1=0 turns a last-bit difference in a near-zero gradient into an
     lr-sized step."""
+    if cfg.batched_adaptation:
+        return adapt_tasks_batched(learner, family, theta, cfg, step, task_indices)
     total = torch.zeros_like(theta, dtype=torch.float64, device=learner.device)
     tasks, loss_sum, acc_sum = 0, 0.0, 0.0
     for i in task_indices:
@@ -146,6 +148,70 @@ def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: 
         loss_sum += result.loss
         acc_sum += result.accuracy
     return DeltaSum(total.cpu(), tasks, loss_sum, acc_sum)
+
+
+def adapt_tasks_batched(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, step: int,
+                        task_indices: Iterable[int]) -> DeltaSum:
+    """`adapt_tasks` with the tasks' inner loops run side by side: one inner step of every task
+    at once, torch.func.vmap over tasks of grad(functional_call). The same tasks, mini-batches
+    and optimizer maths (Adam with beta1=0 written out as torch.optim.Adam computes it), so the
+    same deltas up to float rounding; it needs batch norm without running statistics.
+
+    One exception, in either version: with Adam (beta1=0), a coordinate whose true gradient is 0
+    (a conv bias in front of batch norm) takes lr-sized steps driven by rounding noise, so those
+    coordinates differ between the two, without changing what the network computes."""
+    from torch.func import functional_call, grad_and_value, vmap
+
+    device = learner.device
+    theta = theta.to(device)
+    xs, ys, batches = [], [], []
+    for i in task_indices:
+        rng = task_rng(cfg.seed, TRAIN_STREAM, step, i)
+        task: Task = family.train_task(rng)
+        xs.append(task.support_x)
+        ys.append(task.support_y)
+        # Drawn after the task from the same generator, as the per-task loop draws them.
+        batches.append(np.stack(list(mini_batches(len(task.support_x), cfg.inner_batch_size, cfg.inner_steps,
+                                                  cfg.inner_replacement, rng))))
+    if not xs:
+        return DeltaSum(torch.zeros_like(theta, dtype=torch.float64).cpu(), 0, 0.0, 0.0)
+    x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
+    index = torch.from_numpy(np.stack(batches)).to(device)  # (tasks, inner_steps, batch)
+    rows = torch.arange(len(xs), device=device)[:, None]
+
+    shapes = dict(learner.model.named_parameters())
+    names = list(shapes)
+    pieces = torch.split(theta, [p.numel() for p in shapes.values()])
+    params = {name: piece.view_as(shapes[name]).expand(len(xs), *shapes[name].shape).clone()
+              for name, piece in zip(names, pieces)}
+
+    def loss_and_output(p, xb, yb):
+        out = functional_call(learner.model, p, (xb,))
+        return task_loss(learner.kind, out, yb), out
+
+    step_grad = vmap(grad_and_value(loss_and_output, has_aux=True))
+    beta2, eps = 0.999, 1e-8  # torch.optim.Adam's defaults, as inner_optimizer() uses
+    second = {name: torch.zeros_like(v) for name, v in params.items()}
+    losses = accuracies = None
+    for t in range(index.shape[1]):
+        xb, yb = x[rows, index[:, t]], y[rows, index[:, t]]
+        grads, (losses, out) = step_grad(params, xb, yb)
+        for name in names:
+            g = grads[name]
+            if learner.optimizer == "adam":
+                second[name] = second[name] * beta2 + (1 - beta2) * (g * g)
+                denom = second[name].sqrt() / (1 - beta2 ** (t + 1)) ** 0.5 + eps
+                params[name] = params[name] - learner.lr * (g / denom)
+            else:
+                params[name] = params[name] - learner.lr * g
+        if learner.kind == "classification":
+            accuracies = (out.argmax(-1) == yb).float().mean(1)
+    adapted = torch.cat([params[name].flatten(1) for name in names], dim=1)
+    total = torch.zeros_like(theta, dtype=torch.float64)
+    for delta in adapted - theta:  # in task order, as adapt_tasks adds them
+        total += delta
+    acc_sum = float(accuracies.sum()) if accuracies is not None else float("nan")
+    return DeltaSum(total.cpu(), len(xs), float(losses.sum()), acc_sum)
 
 
 class OuterOptimizer:
