@@ -1,0 +1,349 @@
+"""A sweep definition: YAML -> validated `SweepSpec` -> Ray Tune search space.
+
+Everything is checked here, before any trial starts: an unknown field, an empty range, a value
+out of the field's range or a metric the periodic evaluation does not produce is one
+`SweepError` naming the field.
+
+    name: sine
+    base: {config: sine, set: {workers: 1}}       # preset or YAML file, then overrides
+    space:                                        # config field -> one distribution
+      meta_step_size: {loguniform: [0.05, 1.0]}
+      inner_steps: {choice: [1, 3, 5]}
+    metric: eval_loss                             # periodic evaluation on validation tasks
+    scheduler: {name: asha, grace_period: 100}    # or {name: pbt, perturbation_interval: 200}
+    search: random                                # or optuna (pip install 'reptile-dist[tune]')
+    budget: {num_samples: 8, meta_iters: 800, report_every: 100, max_concurrent_trials: 2}
+    best: {set: {meta_iters: 3000}}               # written into the best configuration
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reptile_dist.config import FIELDS, Config, ConfigError, load_config
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
+SCHEDULERS = ("asha", "pbt")
+SEARCHES = ("random", "optuna")
+# Fields a search space may not name: the budget and the reports set the first four, the rest
+# define the problem being tuned (a seed would only reshuffle it).
+SWEEP_OWNED = ("meta_iters", "eval_every", "checkpoint_every", "keep_checkpoints", "backend", "family", "model",
+               "data", "split", "val_characters", "seed")
+# Fields that set a trial's placement group; PBT keeps a trial's resources fixed.
+RESOURCE_FIELDS = ("workers", "cpus_per_worker", "gpus_per_worker", "placement")
+TOP_KEYS = ("name", "base", "space", "metric", "mode", "scheduler", "search", "budget", "best", "seed")
+
+
+class SweepError(ValueError):
+    """A sweep definition is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched config field and its distribution."""
+
+    field: str
+    kind: str  # one of DISTRIBUTIONS
+    values: tuple  # choice/grid: the values; uniform/loguniform: (low, high)
+
+    @property
+    def is_int(self) -> bool:
+        return FIELDS[self.field].type == "int"
+
+    def tune_domain(self):
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
+        low, high = self.values
+        if self.is_int:  # inclusive integer ranges
+            return tune.randint(low, high + 1) if self.kind == "uniform" else tune.lograndint(low, high + 1)
+        return tune.uniform(low, high) if self.kind == "uniform" else tune.loguniform(low, high)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    base: Config  # every trial's configuration before its searched values
+    space: tuple[Dimension, ...]
+    metric: str
+    mode: str
+    scheduler: str
+    scheduler_options: dict[str, Any]
+    search: str
+    num_samples: int
+    meta_iters: int  # per trial; ASHA's max_t
+    report_every: int  # meta-steps between reports; each has a validation eval and a checkpoint
+    max_concurrent_trials: int
+    seed: int
+    best_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def param_space(self) -> dict[str, Any]:
+        return {d.field: d.tune_domain() for d in self.space}
+
+    def mutations(self) -> dict[str, Any]:
+        """PBT's hyperparam_mutations: choices move to a neighbouring value, ranges are resampled
+        or scaled by 0.8 / 1.2; grid fields stay fixed."""
+        return {d.field: list(d.values) if d.kind == "choice" else d.tune_domain() for d in self.space if d.kind != "grid"}
+
+    def trial_config(self, params: dict[str, Any]) -> Config:
+        """The configuration one trial runs: base + its searched values (PBT may perturb an
+        integer field into a float, so values are cast to the field's type)."""
+        return self.base.replace(**{k: cast(k, v) for k, v in params.items()})
+
+    def best_config(self, params: dict[str, Any]) -> Config:
+        return self.trial_config(params).replace(**self.best_overrides)
+
+    def num_trials(self) -> int:
+        """num_samples times every grid's length (Tune repeats the grid per sample)."""
+        return self.num_samples * math.prod(len(d.values) for d in self.space if d.kind == "grid")
+
+    def placement_cpus(self) -> float:
+        """Logical CPUs one trial's placement group asks for at most (no GPUs)."""
+        from reptile_dist.sweep.trainable import TRIAL_CPU
+
+        def most(name):
+            dim = next((d for d in self.space if d.field == name), None)
+            return max(dim.values) if dim else getattr(self.base, name)
+
+        return TRIAL_CPU + 1.0 + most("workers") * max(most("cpus_per_worker"), 1.0)  # a GPU worker takes 1 CPU
+
+
+def cast(name: str, value: Any) -> Any:
+    """A sampled value as the field's type (Tune's samplers give numpy scalars; PBT multiplies)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    kind = FIELDS[name].type
+    if kind == "int" and isinstance(value, float):
+        return int(round(value))
+    if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """The definition at `path`; `overrides` are added to its `base: set:` (the CLI's --set)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SweepError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{path}: expected a mapping (name, base, space, metric, scheduler, budget)")
+    try:
+        if overrides:
+            base = data.get("base") if isinstance(data.get("base"), dict) else {}
+            data = {**data, "base": {**base, "set": {**(base.get("set") or {}), **overrides}}}
+        return parse_sweep(data, default_name=path.stem, base_dir=path.parent)
+    except SweepError as exc:
+        raise SweepError(f"{path}: {exc}") from None
+
+
+def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Path = Path(".")) -> SweepSpec:
+    unknown = sorted(set(data) - set(TOP_KEYS))
+    if unknown:
+        raise SweepError(f"unknown key '{unknown[0]}' (known: {', '.join(TOP_KEYS)})")
+    budget = _mapping(data, "budget")
+    _only(budget, "budget", ("num_samples", "meta_iters", "report_every", "max_concurrent_trials"))
+    num_samples = _positive_int(budget, "budget.num_samples", 1)
+    meta_iters = _positive_int(budget, "budget.meta_iters", None)
+    report_every = _positive_int(budget, "budget.report_every", max(1, meta_iters // 10))
+    max_concurrent = _positive_int(budget, "budget.max_concurrent_trials", 1)
+    if meta_iters % report_every:
+        raise SweepError(f"budget.report_every={report_every} must divide budget.meta_iters={meta_iters}")
+
+    base = _base_config(_mapping(data, "base"), base_dir, meta_iters, report_every)
+    space = _space(_mapping(data, "space"), base)
+
+    metric, mode = _metric(data, base)
+    search = data.get("search") or "random"
+    if search not in SEARCHES:
+        raise SweepError(f"search={search!r} is not one of {', '.join(SEARCHES)}")
+    if search == "optuna":
+        if importlib.util.find_spec("optuna") is None:
+            raise SweepError("search: optuna is not installed (pip install 'reptile-dist[tune]')")
+        grids = [d.field for d in space if d.kind == "grid"]
+        if grids:
+            raise SweepError(f"space.{grids[0]}: grid is not supported with search: optuna (use choice)")
+
+    scheduler, options = _scheduler(data.get("scheduler") or {"name": "asha"}, meta_iters, report_every, space)
+
+    best = _mapping(data, "best")
+    _only(best, "best", ("set",))
+    best_overrides = dict(best.get("set") or {})
+    try:
+        base.replace(**best_overrides)
+    except ConfigError as exc:
+        raise SweepError(f"best.set: {exc}") from None
+
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise SweepError(f"seed={seed!r} must be an integer >= 0")
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not name or "/" in name:
+        raise SweepError(f"name={name!r} must be a non-empty string without '/'")
+    return SweepSpec(name, base, space, metric, mode, scheduler, options, search, num_samples, meta_iters,
+                     report_every, max_concurrent, seed, best_overrides)
+
+
+def _base_config(base: dict[str, Any], base_dir: Path, meta_iters: int, report_every: int) -> Config:
+    _only(base, "base", ("config", "set"))
+    source = base.get("config", "sine")
+    if not isinstance(source, str):
+        raise SweepError(f"base.config={source!r} must be a preset name or a YAML file")
+    if Path(source).suffix and not Path(source).is_absolute() and (base_dir / source).exists():
+        source = str(base_dir / source)
+    overrides = base.get("set") or {}
+    if not isinstance(overrides, dict):
+        raise SweepError("base.set must be a mapping of config keys")
+    owned = sorted(set(overrides) & {"meta_iters", "eval_every", "checkpoint_every"})
+    if owned:
+        raise SweepError(f"base.set.{owned[0]}: set by the sweep's budget (meta_iters, report_every)")
+    try:
+        cfg = load_config(source, overrides)
+        # Every report carries a validation evaluation and the checkpoint of the same meta-step;
+        # evaluations can fall behind training, so the engine keeps every checkpoint until then.
+        cfg = cfg.replace(backend="ray", meta_iters=meta_iters, eval_every=report_every,
+                          checkpoint_every=report_every, log_every=min(cfg.log_every, report_every),
+                          keep_checkpoints=meta_iters // report_every)
+    except ConfigError as exc:
+        raise SweepError(f"base: {exc}") from None
+    if cfg.family == "omniglot" and "://" not in cfg.data and not Path(cfg.data).is_absolute():
+        # Trials run in Tune's per-trial working directories: anchor the table where the sweep starts.
+        cfg = cfg.replace(data=str(Path(cfg.data).resolve()))
+    if cfg.mode == "allreduce":
+        raise SweepError("base.set.mode: sweeps run the parameter-server engine (sync or async), not allreduce")
+    if cfg.family == "synthetic":
+        raise SweepError("base.config: the synthetic family has no validation split to score trials on")
+    if cfg.family == "omniglot" and not cfg.val_characters:
+        raise SweepError("base.set.val_characters: must be > 0 so trials are scored on held-out training "
+                         "characters, never the test split")
+    return cfg
+
+
+def _space(space: dict[str, Any], base: Config) -> tuple[Dimension, ...]:
+    if not space:
+        raise SweepError("space: name at least one config field to search")
+    dims = []
+    for name, dist in space.items():
+        where = f"space.{name}"
+        if name not in FIELDS:
+            raise SweepError(f"{where}: unknown config field '{name}'")
+        if name in SWEEP_OWNED:
+            raise SweepError(f"{where}: set by the sweep itself (base or budget), not searchable")
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise SweepError(f"{where}: expected one of {', '.join(f'{{{d}: ...}}' for d in DISTRIBUTIONS)}")
+        kind, values = next(iter(dist.items()))
+        if not isinstance(values, list):
+            raise SweepError(f"{where}: {kind} expects a list, got {values!r}")
+        if kind in ("choice", "grid"):
+            if not values:
+                raise SweepError(f"{where}: empty {kind} list")
+        else:
+            values = _range(where, name, kind, values)
+        for value in values:  # each value (each end of a range) must be valid for the field
+            try:
+                base.replace(**{name: value})
+            except ConfigError as exc:
+                raise SweepError(f"{where}: {exc}") from None
+        dims.append(Dimension(name, kind, tuple(cast(name, v) for v in values)))
+    return tuple(dims)
+
+
+def _range(where: str, name: str, kind: str, values: list) -> list:
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise SweepError(f"{where}: {kind} expects [low, high], got {values!r}")
+    low, high = values
+    if FIELDS[name].type not in ("int", "float"):
+        raise SweepError(f"{where}: {kind} needs a numeric field; {name} is {FIELDS[name].type} (use choice)")
+    if FIELDS[name].type == "int" and not all(float(v).is_integer() for v in values):
+        raise SweepError(f"{where}: {name} is an integer field; {kind} bounds must be integers")
+    if not low < high:
+        raise SweepError(f"{where}: empty range {kind} [{low}, {high}] (low must be < high)")
+    if kind == "loguniform" and low <= 0:
+        raise SweepError(f"{where}: loguniform needs low > 0, got {low}")
+    return [low, high]
+
+
+def _metric(data: dict[str, Any], base: Config) -> tuple[str, str]:
+    allowed = {"eval_loss": "min"}
+    if base.family != "sine":
+        allowed.update(eval_accuracy="max", eval_transductive_accuracy="max")
+    metric = data.get("metric", "eval_loss" if base.family == "sine" else "eval_accuracy")
+    if metric not in allowed:
+        raise SweepError(f"metric={metric!r} is not one of {', '.join(allowed)} "
+                         f"(the periodic evaluation on validation tasks of the {base.family} family)")
+    mode = data.get("mode", allowed[metric])
+    if mode not in ("min", "max"):
+        raise SweepError(f"mode={mode!r} is not one of min, max")
+    return metric, mode
+
+
+def _scheduler(sched: Any, meta_iters: int, report_every: int, space: tuple[Dimension, ...]) -> tuple[str, dict]:
+    if isinstance(sched, str):
+        sched = {"name": sched}
+    if not isinstance(sched, dict):
+        raise SweepError("scheduler must be a mapping with a name (asha or pbt)")
+    name = sched.get("name", "asha")
+    if name not in SCHEDULERS:
+        raise SweepError(f"scheduler.name={name!r} is not one of {', '.join(SCHEDULERS)}")
+    if name == "asha":
+        _only(sched, "scheduler", ("name", "grace_period", "reduction_factor"))
+        options = {"grace_period": _positive_int(sched, "scheduler.grace_period", report_every),
+                   "reduction_factor": sched.get("reduction_factor", 2)}
+        if options["grace_period"] > meta_iters:
+            raise SweepError(f"scheduler.grace_period={options['grace_period']} exceeds budget.meta_iters={meta_iters}")
+        rf = options["reduction_factor"]
+        if not isinstance(rf, (int, float)) or isinstance(rf, bool) or not rf > 1:
+            raise SweepError(f"scheduler.reduction_factor={rf!r} must be a number > 1")
+    else:
+        _only(sched, "scheduler", ("name", "perturbation_interval", "quantile_fraction", "resample_probability"))
+        options = {"perturbation_interval": _positive_int(sched, "scheduler.perturbation_interval", 2 * report_every),
+                   "quantile_fraction": sched.get("quantile_fraction", 0.25),
+                   "resample_probability": sched.get("resample_probability", 0.25)}
+        if options["perturbation_interval"] % report_every:
+            raise SweepError(f"scheduler.perturbation_interval={options['perturbation_interval']} must be a multiple "
+                             f"of budget.report_every={report_every} (trials can only be paused at a checkpoint)")
+        for key in ("quantile_fraction", "resample_probability"):
+            value = options[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= (0.5 if key == "quantile_fraction" else 1):
+                raise SweepError(f"scheduler.{key}={value!r} is out of range")
+        fixed = [d.field for d in space if d.field in RESOURCE_FIELDS]
+        if fixed:
+            raise SweepError(f"space.{fixed[0]}: PBT keeps a trial's resources fixed; sweep it with asha")
+    return name, options
+
+
+def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise SweepError(f"{key} must be a mapping")
+    return value
+
+
+def _only(data: dict[str, Any], where: str, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise SweepError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(known)})")
+
+
+def _positive_int(data: dict[str, Any], where: str, default: int | None) -> int:
+    """data[key] for where = 'section.key'."""
+    value = data.get(where.rsplit(".", 1)[-1], default)
+    if value is None:
+        raise SweepError(f"{where} is required")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SweepError(f"{where}={value!r} must be an integer >= 1")
+    return value
+
