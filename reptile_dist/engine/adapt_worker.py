@@ -74,8 +74,9 @@ class AdaptWorker(Workspace):
         loop = self._loop
         version = -1
         adapted, busy = 0, 0.0
+        ack = None
         while loop == self._loop:
-            got = ray.get(ps.pull.remote(-1 if cfg.mode == "async" else version))
+            got = ray.get(ps.pull.remote(-1 if cfg.mode == "async" else version, ack))
             if got is None:
                 break
             theta_ref, version = got
@@ -99,8 +100,9 @@ class AdaptWorker(Workspace):
                 delta = torch.full_like(delta, float("nan"))
             # Rejected here already: a non-finite delta is not worth its bytes (the PS counts it).
             delta = encode(delta, cfg.delta_dtype) if torch.isfinite(delta).all() else None
-            # Not awaited: the next pull queues behind this push on the PS, and in sync mode it
-            # waits for the barrier anyway, so an acknowledgement would only add a round trip.
+            # Not awaited: the next pull takes this push as an argument, so Ray runs it only after
+            # the push (a large delta may still be in transfer when a bare pull would run), and in
+            # sync mode it waits for the barrier anyway; waiting here would add a round trip.
             sent_wall, sent = time.time(), time.perf_counter()
             ack = ps.push.remote(self.index, version, delta, result.tasks, result.loss_sum, result.accuracy_sum)
             self._log_push(ack, sent_wall, sent, 0 if delta is None else delta.nbytes, pulled.nbytes)

@@ -45,8 +45,9 @@ class ParameterServer:
             self._ref_version = self.agg.version
         return self._theta_ref
 
-    async def pull(self, after_version: int = -1):
-        """[theta ref, version] once the version is past `after_version`; None when the run is over."""
+    async def pull(self, after_version: int = -1, after_push: Any = None):
+        """[theta ref, version] once the version is past `after_version`; None when the run is over.
+        `after_push`: the caller's previous push, whose result Ray waits for before running this."""
         async with self.changed:
             await self.changed.wait_for(lambda: self.agg.version > after_version or self.agg.done or self.stopped)
         if self.agg.done or self.stopped:
