@@ -72,6 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--address", help="join an existing Ray cluster ('auto' or ray://host:10001)")
     tune.add_argument("--out", help="results folder or s3:// / gs:// URI (default runs/sweeps/<sweep name>)")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of the sweep's base configuration, e.g. --set data=/shared/omniglot.arrow")
+
+    adapt = sub.add_parser("adapt", help="adapt a pretrained final.pt to your own few-shot task and classify images")
+    adapt.add_argument("--checkpoint", required=True, help="final.pt of an image-classification run")
+    adapt.add_argument("--support", required=True, help="folder with one subfolder of images per class")
+    adapt.add_argument("--query", required=True, help="folder of images to classify")
+    adapt.add_argument("--steps", type=int, help="inner steps (default: the checkpoint config's eval_inner_steps)")
+    adapt.add_argument("--transductive", action="store_true", help="predict all queries in one batch")
+    adapt.add_argument("--seed", type=int, default=0, help="seed of the inner loop's mini-batches")
+    adapt.add_argument("--out", help="also write the predictions as CSV: file,predicted_class,probability")
+
+    export = sub.add_parser("export", help="write a final.pt from a mid-run checkpoint (checkpoints/ckpt-*.pt)")
+    export.add_argument("--checkpoint", required=True, help="checkpoints/ckpt-<step>.pt of a run")
+    export.add_argument("--out", required=True, help="final.pt to write (for eval and adapt)")
     return parser
 
 
@@ -148,8 +163,10 @@ def cmd_tune(args) -> int:
     from reptile_dist.sweep import load_sweep
     from reptile_dist.sweep.runner import run_sweep
 
-    spec = load_sweep(args.sweep)  # validated before anything starts
+    spec = load_sweep(args.sweep, parse_overrides(args.overrides))  # validated before anything starts
     outcome = run_sweep(spec, args.out or f"runs/sweeps/{spec.name}", address=args.address, resume=args.resume)
+    if outcome["interrupted"]:
+        return 130
     return 0 if outcome["best"] is not None else 1
 
 
@@ -175,7 +192,28 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "config": cmd_config, "tune": cmd_tune, "bench": cmd_bench}
+def cmd_adapt(args) -> int:
+    from reptile_dist.adapt import adapt_and_predict, to_table, write_csv
+
+    predictions = adapt_and_predict(args.checkpoint, args.support, args.query, steps=args.steps,
+                                    transductive=args.transductive, seed=args.seed)
+    print(to_table(predictions), end="")
+    if args.out:
+        write_csv(predictions, args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from reptile_dist.adapt import export_final
+
+    final = export_final(args.checkpoint, args.out)
+    print(f"wrote {args.out} (meta-step {final['step']}, {final['family']}, {final['config']['ways']}-way)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "config": cmd_config, "tune": cmd_tune, "bench": cmd_bench,
+            "adapt": cmd_adapt, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,209 @@
+"""Adapt a pretrained model to a user's own few-shot task: a folder of class folders (support)
+and a folder of images to classify (query). Plain PyTorch, no Ray.
+
+The inner loop and the prediction rules are the evaluation's own (`Learner.adapt` with the
+checkpoint's evaluation settings, `non_transductive_outputs`), and images are converted the way
+the checkpoint's training data was (`preprocess_image`, then `load_images`), so a user's task is
+adapted exactly as a held-out evaluation task would be.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from reptile_dist.config import Config, ConfigError
+from reptile_dist.data.omniglot import IMAGE_SIZE, preprocess_image
+from reptile_dist.evaluation import non_transductive_outputs
+from reptile_dist.models import build_model
+from reptile_dist.reptile import Learner
+from reptile_dist.rundir import load_checkpoint, save_torch
+from reptile_dist.tasks.images import load_images
+from reptile_dist.training import CHECKPOINT_FORMAT, FINAL_FORMAT, final_state
+
+IMAGE_FAMILIES = ("omniglot", "synthetic")  # both store 28x28 uint8 images, ink 255 on paper 0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+CSV_COLUMNS = ("file", "predicted_class", "probability")
+
+
+class AdaptError(ValueError):
+    """The checkpoint or the task folders cannot be used: one line naming the file or folder."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str
+    predicted_class: str
+    probability: float  # softmax probability of the predicted class
+
+
+@dataclass
+class Pretrained:
+    cfg: Config
+    learner: Learner
+    theta: torch.Tensor
+    step: int
+
+
+def _config_of(state: dict, path: str) -> Config:
+    try:
+        return Config().replace(**state["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise AdaptError(f"{path}: its config cannot be read ({exc})") from None
+
+
+def _learner_for(cfg: Config) -> Learner:
+    kind = "regression" if cfg.family == "sine" else "classification"
+    return Learner(build_model(cfg.model, cfg.ways, IMAGE_SIZE), kind, cfg.inner_optimizer, cfg.inner_lr)
+
+
+def load_pretrained(path: str) -> Pretrained:
+    """A final.pt of an image-classification run, as a learner and its theta."""
+    state = load_checkpoint(path)  # CheckpointError (a ValueError) for a missing or truncated file
+    if not isinstance(state, dict) or state.get("format") != FINAL_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        hint = (f"; make one with `reptile-dist export --checkpoint {path} --out model.pt`"
+                if found == CHECKPOINT_FORMAT else "")
+        raise AdaptError(f"{path} is not a final.pt written by reptile-dist (format {found!r}, expected "
+                         f"{FINAL_FORMAT!r}){hint}")
+    cfg = _config_of(state, path)
+    if cfg.family not in IMAGE_FAMILIES:
+        raise AdaptError(f"{path} is a {cfg.family} checkpoint; adapt needs an image-classification checkpoint "
+                         f"(family {' or '.join(IMAGE_FAMILIES)})")
+    learner = _learner_for(cfg)
+    try:
+        learner.model.load_state_dict(state["model_state"])
+    except (KeyError, RuntimeError) as exc:
+        raise AdaptError(f"{path}: its weights do not fit a {cfg.ways}-way {cfg.model} "
+                         f"({' '.join(str(exc).split())[:200]})") from None
+    return Pretrained(cfg, learner, learner.initial_theta(), int(state.get("step", 0)))
+
+
+def export_final(checkpoint_path: str, out_path: str | Path) -> dict:
+    """Write a final.pt (the format `eval` and `adapt` load) from a mid-run engine checkpoint."""
+    state = load_checkpoint(checkpoint_path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise AdaptError(f"{checkpoint_path} is not a reptile-dist training checkpoint (format {found!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r})")
+    cfg = _config_of(state, checkpoint_path)
+    learner = _learner_for(cfg)
+    theta = state.get("outer", {}).get("theta")
+    expected = learner.initial_theta().numel()
+    if not isinstance(theta, torch.Tensor) or theta.numel() != expected:
+        raise AdaptError(f"{checkpoint_path}: theta does not fit a {cfg.ways}-way {cfg.model} ({expected} parameters)")
+    final = final_state(cfg, int(state["step"]), learner, theta.float())
+    _write_atomically(Path(out_path), save_torch(final))
+    return final
+
+
+def _write_atomically(out: Path, data: bytes) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            sink.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model or a CSV is meant to be shared
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _folder(path: str | Path, role: str) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdaptError(f"{role} folder not found: {folder}")
+    return folder
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_images(files: list[Path]) -> torch.Tensor:
+    """float32 (n, 1, 28, 28) in [0, 1], converted as the training table was."""
+    pixels = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                pixels.append(preprocess_image(image))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise AdaptError(f"cannot read image {path}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
+    images = np.stack(pixels)
+    return torch.from_numpy(load_images(images, np.arange(len(images)), rotation=0))
+
+
+def read_support(path: str | Path, ways: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """One subfolder per class (label = index in sorted order), any number of images in each."""
+    folder = _folder(path, "support")
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    stray = _image_files(folder)
+    if stray:
+        raise AdaptError(f"{stray[0]} lies outside a class folder: put each class's images in a subfolder of {folder} "
+                         "named for the class")
+    if len(classes) != ways:
+        names = ", ".join(c.name for c in classes) or "none"
+        raise AdaptError(f"{folder} has {len(classes)} class folders ({names}); the checkpoint is {ways}-way, "
+                         f"so it expects exactly {ways}")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        mine = _image_files(cls)
+        if not mine:
+            raise AdaptError(f"class folder {cls} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files += mine
+        labels += [label] * len(mine)
+    return read_images(files), torch.tensor(labels, dtype=torch.long), [c.name for c in classes]
+
+
+def read_queries(path: str | Path) -> tuple[torch.Tensor, list[Path]]:
+    folder = _folder(path, "query")
+    files = _image_files(folder)
+    if not files:
+        raise AdaptError(f"query folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return read_images(files), files
+
+
+def adapt_and_predict(checkpoint: str, support: str | Path, query: str | Path, steps: int | None = None,
+                      transductive: bool = False, seed: int = 0) -> list[Prediction]:
+    """Adapt the checkpoint's theta on the support set with its evaluation inner loop (fresh
+    optimizer, mini-batches drawn from `seed`), then predict every query."""
+    model = load_pretrained(checkpoint)
+    cfg = model.cfg
+    sx, sy, names = read_support(support, cfg.ways)
+    qx, files = read_queries(query)
+    if steps is not None and steps < 0:
+        raise AdaptError(f"--steps={steps} is out of range (must be >= 0)")
+    learner = model.learner
+    learner.adapt(model.theta, sx, sy, cfg.eval_inner_steps if steps is None else steps, cfg.eval_batch_size,
+                  cfg.inner_replacement, np.random.default_rng(seed))
+    with torch.no_grad():
+        outputs = learner.model(qx) if transductive else non_transductive_outputs(learner.model, sx, qx)
+        probability, label = torch.softmax(outputs, dim=1).max(dim=1)
+    return [Prediction(f.name, names[int(k)], float(p)) for f, k, p in zip(files, label, probability)]
+
+
+def to_csv(predictions: list[Prediction]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows((p.file, p.predicted_class, f"{p.probability:.4f}") for p in predictions)
+    return buf.getvalue()
+
+
+def to_table(predictions: list[Prediction]) -> str:
+    rows = [CSV_COLUMNS] + [(p.file, p.predicted_class, f"{p.probability:.4f}") for p in predictions]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(CSV_COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows) + "\n"
+
+
+def write_csv(predictions: list[Prediction], out: str | Path) -> None:
+    _write_atomically(Path(out), to_csv(predictions).encode())
