@@ -8,7 +8,9 @@
 #   cluster/local.sh down     stop this cluster's processes (safe when nothing runs)
 #
 # Settings (environment): REPTILE_RAY_PORT (6379), REPTILE_RAY_TEMP_DIR (/tmp/reptile-dist-ray),
-# REPTILE_HEAD_CPUS (2), REPTILE_WORKER_CPUS (1), REPTILE_OBJECT_STORE_MB (512 per node).
+# REPTILE_HEAD_CPUS (2), REPTILE_WORKER_CPUS (1), REPTILE_OBJECT_STORE_MB (512 per node),
+# REPTILE_DASHBOARD_PORT (8265: dashboard and job API), REPTILE_RAY_CLIENT_PORT (10001),
+# REPTILE_AGENT_PORT (52365: the head's dashboard agent; worker node i takes the port + i).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +19,9 @@ TEMP_DIR="${REPTILE_RAY_TEMP_DIR:-/tmp/reptile-dist-ray}"
 HEAD_CPUS="${REPTILE_HEAD_CPUS:-2}"
 WORKER_CPUS="${REPTILE_WORKER_CPUS:-1}"
 OBJECT_STORE_BYTES=$(( ${REPTILE_OBJECT_STORE_MB:-512} * 1024 * 1024 ))
+DASHBOARD_PORT="${REPTILE_DASHBOARD_PORT:-8265}"
+CLIENT_PORT="${REPTILE_RAY_CLIENT_PORT:-10001}"
+AGENT_PORT="${REPTILE_AGENT_PORT:-52365}"
 LOG="$TEMP_DIR/local-sh.log"
 
 # Ray 2.60 rejects a node or client without the cluster's token (InvalidAuthToken after 20 s),
@@ -34,6 +39,10 @@ else
 fi
 PYTHON="$(dirname "$RAY")/python"
 [[ -x "$PYTHON" ]] || PYTHON=python3
+# A job's entrypoint inherits the head's environment: with ray's own bin directory first on PATH,
+# `ray job submit ... -- reptile-dist train ...` finds the program (and python) installed beside
+# that ray, as on the cloud clusters, without activating the virtualenv first.
+export PATH="$(dirname "$RAY"):$PATH"
 
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
@@ -98,6 +107,10 @@ Ray cluster up at $address (token auth on; token in ${RAY_AUTH_TOKEN_PATH:-~/.ra
 In the shell that runs the program:
   export RAY_AUTH_MODE=token RAY_ADDRESS=$address
   reptile-dist train --config sine --backend ray --workers 2 --mode async --address auto --out runs/sine-ray
+or as a job (dashboard and job API on http://127.0.0.1:$DASHBOARD_PORT):
+  RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:$DASHBOARD_PORT \\
+    --runtime-env cluster/runtime_env.yaml --working-dir . -- \\
+    reptile-dist train --config sine --backend ray --workers 2 --mode sync --address auto --out \$PWD/runs/sine-job
 Check: cluster/local.sh status    Stop: cluster/local.sh down
 EOF
 }
@@ -115,11 +128,16 @@ cmd_up() {
   ensure_token
 
   t0=$(now); t=$t0
-  # The dashboard listens on localhost only. Ray 2.60 replaces a loopback --node-ip-address with
-  # the machine's address and its GCS and raylets listen on all interfaces; the token guards them.
+  # The dashboard and job API listen on localhost only. Ray 2.60 replaces a loopback
+  # --node-ip-address with the machine's address and its GCS, raylets, dashboard agents and Ray
+  # Client server listen on all interfaces; the token guards them. Every fixed port is a setting
+  # so that a second cluster (a test's) can run beside this one without clashes; a taken
+  # dashboard port would otherwise move silently to the next free one.
   if ! "$RAY" start --head --port="$PORT" --temp-dir="$TEMP_DIR" \
       --num-cpus="$HEAD_CPUS" --num-gpus=0 --resources='{"reptile_head": 100}' \
-      --object-store-memory="$OBJECT_STORE_BYTES" --dashboard-host=127.0.0.1 \
+      --object-store-memory="$OBJECT_STORE_BYTES" \
+      --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+      --dashboard-agent-listen-port="$AGENT_PORT" --ray-client-server-port="$CLIENT_PORT" \
       --disable-usage-stats >>"$LOG" 2>&1; then
     tail -n 20 "$LOG" >&2
     die "head failed to start (log: $LOG)"
@@ -134,7 +152,7 @@ cmd_up() {
     # worker node's unpacking replace the directory the head's driver is running in.
     if ! "$RAY" start --address="$address" --temp-dir="$TEMP_DIR/node-$i" \
         --num-cpus="$WORKER_CPUS" --object-store-memory="$OBJECT_STORE_BYTES" \
-        --dashboard-agent-listen-port=$((52365 + i)) \
+        --dashboard-agent-listen-port=$((AGENT_PORT + i)) \
         --disable-usage-stats >>"$LOG" 2>&1; then
       tail -n 20 "$LOG" >&2
       die "worker node $i failed to join (log: $LOG); run 'cluster/local.sh down' to clean up"

@@ -308,6 +308,8 @@ def test_local_sh_is_valid_strict_bash():
     assert '--temp-dir="$TEMP_DIR/node-$i"' in text
     # `ray stop` would also stop unrelated Ray instances on the machine.
     assert '"$RAY" stop' not in text
+    # The head serves the job API (test_cluster_multinode.py submits to it), on a port of one's choosing.
+    assert "--include-dashboard=true" in text and '--dashboard-port="$DASHBOARD_PORT"' in text
 
 
 def test_local_sh_rejects_unknown_commands_with_usage():
