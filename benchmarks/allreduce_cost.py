@@ -5,7 +5,7 @@
 Prints one JSON line per (dtype, size): min, median and p90 milliseconds over `repeats`
 all_reduces (after 3 warm-ups) as rank 0 measures them, and the cost per byte of the vector (ns/B)
 from the min (the least disturbed by other load on the machine) and from the median.
-`--mode allreduce` sends one float64 vector of the model's size (plus 3 counters) per meta-step.
+`--mode allreduce` sends one float64 vector of the model's size (plus 4 counters) per meta-step.
 """
 from __future__ import annotations
 

@@ -9,13 +9,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-MODES = (("sync", "C0"), ("async", "C1"))
+MODES = (("sync", "C0"), ("async", "C1"), ("allreduce", "C2"))
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 
 
 def plot_scaling(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Tasks/s and scaling efficiency against workers, sync vs async; a third panel with the
-    straggler runs when there are any."""
+    """Tasks/s and scaling efficiency against workers, a line per mode (sync, async, allreduce); a
+    third panel with the straggler runs when there are any."""
     plain = [r for r in rows if r["straggler_factor"] == 1]
     slowed = [r for r in rows if r["straggler_factor"] > 1]
     fig, axes = plt.subplots(1, 3 if slowed else 2, figsize=(14 if slowed else 9.5, 3.9))

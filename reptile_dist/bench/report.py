@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 ENGINE_COLUMNS = [
     ("mode", "mode"), ("workers", "W"), ("straggler", "straggler"), ("tasks_per_s", "tasks/s"),
     ("meta_steps_per_s", "meta-steps/s"), ("efficiency_vs_w1", "eff. vs W=1"),
-    ("efficiency_vs_local", "eff. vs local"), ("ps_busy_fraction", "PS busy"),
-    ("push_latency_median_ms", "push ms (median)"), ("push_latency_p95_ms", "push ms (p95)"),
+    ("efficiency_vs_local", "eff. vs local"), ("ps_busy_fraction", "PS busy"), ("allreduce_fraction", "all-reduce share"),
+    ("push_latency_median_ms", "push / all-reduce ms (median)"), ("push_latency_p95_ms", "push / all-reduce ms (p95)"),
     ("staleness_mean", "staleness mean"), ("staleness_max", "staleness max"), ("dropped_deltas", "dropped"),
     ("mb_per_s", "MB/s"), ("nodes", "nodes"), ("load_1m", "load"),
 ]
@@ -65,6 +65,11 @@ def engine_section(rows: list[dict[str, Any]]) -> str:
         "",
         markdown_table(rows, ENGINE_COLUMNS),
     ]
+    if any(r["mode"] == "allreduce" for r in rows):
+        lines += ["", "allreduce rows: no parameter server (PS busy 0, staleness 0); the latency columns hold rank 0's "
+                      "all-reduce (including waiting for the slowest worker), all-reduce share its part of the "
+                      "window; MB/s is modelled for a ring all-reduce, 2(W-1) float64 vectors per meta-step. "
+                      "Ray Train's start-up is not in the window."]
     return "\n".join(lines)
 
 

@@ -141,6 +141,7 @@ def window_figures(first: dict[str, Any], last: dict[str, Any], pushes: list[tup
         "meta_steps_per_s": (last["progress"] - first["progress"]) / span,
         "pushes_per_s": pushed / span,
         "ps_busy_fraction": (last["busy_s"] - first["busy_s"]) / span,
+        "allreduce_fraction": 0.0,  # no all-reduce: the PS aggregates (allreduce rows: bench/allreduce.py)
         "push_latency_median_ms": float(np.median(latencies)) * 1e3,
         "push_latency_p95_ms": float(np.percentile(latencies, 95)) * 1e3,
         "staleness_mean": sum(s * n for s, n in histogram.items()) / applied if applied else math.nan,

@@ -2,6 +2,7 @@
 
     local trainer, per-task loop and batched   -> tasks/s baseline
     each mode x each W (W=1 always), then each mode at the largest W with one straggler
+      sync, async: the PS and adapt-worker actors (runner.py); allreduce: Ray Train (allreduce.py)
                                                -> bench.parquet, bench.md, scaling.png
     optionally: PS capacity against model size and wire precision, each preset's worker tasks/s
                                                -> capacity.parquet, capacity.png, the model in bench.md
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from reptile_dist.bench import model
+from reptile_dist.bench.allreduce import measure_allreduce
 from reptile_dist.bench.plots import plot_capacity, plot_scaling
 from reptile_dist.bench.ps_capacity import capacity_sweep
 from reptile_dist.bench.report import (CAPACITY_COLUMNS, MODEL_COLUMNS, engine_section, markdown_table, write_markdown,
@@ -26,6 +28,7 @@ from reptile_dist.models import build_model
 from reptile_dist.tasks import build_family
 from reptile_dist.training import make_learner
 
+MODES = ("sync", "async", "allreduce")
 OMNIGLOT_PRESETS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s")
 WIRE_DTYPES = ("float64", "float32", "bfloat16", "float16")
 
@@ -49,8 +52,8 @@ class BenchPlan:
     def __post_init__(self):
         if not self.workers or min(self.workers) < 1:
             raise ConfigError(f"--workers must be whole numbers >= 1, got {self.workers}")
-        if set(self.modes) - {"sync", "async"}:
-            raise ConfigError(f"--modes takes sync and/or async, got {','.join(self.modes)}")
+        if set(self.modes) - set(MODES):
+            raise ConfigError(f"--modes takes {', '.join(MODES)}, got {','.join(self.modes)}")
         if self.seconds <= 0 or self.warmup < 0 or self.capacity_seconds <= 0:
             raise ConfigError("--seconds and --capacity-seconds must be > 0, --warmup >= 0")
         if self.straggler_factor < 1:
@@ -84,11 +87,11 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
                 combos += [(mode, max(workers), plan.straggler_factor) for mode in plan.modes]
             for mode, w, factor in combos:
                 c = cfg.replace(mode=mode, workers=w, straggler_factor=factor)
-                row = {**describe(plan, c, theta.size, local, batched), **measure_engine(c, theta, plan.seconds, plan.warmup)}
+                measured = (measure_allreduce(c, plan.seconds, plan.warmup) if mode == "allreduce"
+                            else measure_engine(c, theta, plan.seconds, plan.warmup))
+                row = {**describe(plan, c, theta.size, local, batched), **measured}
                 engine_rows.append(row)
-                say(f"{mode:5} W={w} {row['straggler']:>14}: {row['tasks_per_s']:7.1f} tasks/s, PS busy "
-                    f"{row['ps_busy_fraction']:.2f}, push {row['push_latency_median_ms']:.1f} ms, "
-                    f"staleness {row['staleness_mean']:.2f}, dropped {row['dropped_deltas']}, load {row['load_1m']:.1f}")
+                say(progress_line(row))
             add_efficiencies(engine_rows)
         if plan.capacity_params:
             capacity_rows = capacity_sweep(list(plan.capacity_params), list(plan.capacity_dtypes),
@@ -111,6 +114,16 @@ def describe(plan: BenchPlan, cfg: Config, params: int, local: float, batched: f
         "address": plan.address or "local", "cpu_count": os.cpu_count() or 0, "warmup_s": plan.warmup,
         "local_tasks_per_s": local, "local_batched_tasks_per_s": batched,
     }
+
+
+def progress_line(row: dict[str, Any]) -> str:
+    if row["mode"] == "allreduce":
+        detail = f"all-reduce {row['push_latency_median_ms']:.1f} ms, {row['allreduce_fraction']:.0%} of the time"
+    else:
+        detail = (f"PS busy {row['ps_busy_fraction']:.2f}, push {row['push_latency_median_ms']:.1f} ms, "
+                  f"staleness {row['staleness_mean']:.2f}, dropped {row['dropped_deltas']}")
+    return (f"{row['mode']:9} W={row['workers']} {row['straggler']:>14}: {row['tasks_per_s']:7.1f} tasks/s, {detail}, "
+            f"load {row['load_1m']:.1f}")
 
 
 def add_efficiencies(rows: list[dict[str, Any]]) -> None:

@@ -78,9 +78,11 @@ def train_allreduce(cfg: Config, out: str, address: str | None = None, resume: b
                           done["test"])
 
 
-def make_trainer(cfg: Config, s: RunSetup, storage: str, progress: bool) -> TorchTrainer:
+def make_trainer(cfg: Config, s: RunSetup, storage: str, progress: bool,
+                 stop_after_s: float | None = None) -> TorchTrainer:
     """W workers of one GPU (or cpus_per_worker CPUs) each, nccl on GPUs, gloo on CPUs; Ray Train keeps its
-    checkpoints in `storage` and restarts the group from the newest one up to cfg.max_failures times."""
+    checkpoints in `storage` and restarts the group from the newest one up to cfg.max_failures times.
+    `stop_after_s` (benchmarks): see worker_loop."""
     resources = worker_resources(cfg)
     use_gpu = resources.get("GPU", 0) > 0
     worker_cfg = cfg  # Ray Train workers run in a folder of their own: resolve a relative data path here
@@ -89,7 +91,8 @@ def make_trainer(cfg: Config, s: RunSetup, storage: str, progress: bool) -> Torc
     return TorchTrainer(
         worker_loop,
         train_loop_config={"cfg": worker_cfg.to_dict(), "out": s.run.uri if "://" in s.run.uri else s.run.root,
-                           "outer": s.outer.state_dict(), "start_step": s.start_step, "progress": progress},
+                           "outer": s.outer.state_dict(), "start_step": s.start_step, "progress": progress,
+                           "stop_after_s": stop_after_s},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement),
@@ -102,7 +105,11 @@ def make_trainer(cfg: Config, s: RunSetup, storage: str, progress: bool) -> Torc
 
 
 def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
-    """One Ray Train worker: the local trainer's loop with an all-reduce between the deltas and the update."""
+    """One Ray Train worker: the local trainer's loop with an all-reduce between the deltas and the update.
+
+    With config["stop_after_s"] set (reptile-dist bench), training ends that many seconds (on rank 0's clock)
+    after the first meta-step (which pays torch's lazy initialisation) instead of at meta_iters, and rank 0 returns
+    `timeline`: (end, all-reduce seconds) of every meta-step, perf_counter seconds from the loop's start."""
     cfg = Config(**config["cfg"])
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report
     ctx = ray.train.get_context()
@@ -149,14 +156,23 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
 
     throughput = Throughput()
     allreduce_s = 0.0
+    stop_after_s = config.get("stop_after_s")
+    timeline: list[tuple[float, float]] = []  # only with stop_after_s: (end, all-reduce seconds) per meta-step
     started = time.perf_counter()
     share = range(rank, cfg.meta_batch_size, world)  # as the PS sync mode shares a meta-step
     for step in range(start, cfg.meta_iters):
         throughput.resume()
+        adapt_started = time.perf_counter()
         part = adapt_tasks(learner, family, outer.theta, cfg, step, share)
+        if cfg.straggler_factor > 1 and rank == cfg.straggler_worker:  # a slower device, for benchmarks
+            time.sleep((cfg.straggler_factor - 1) * (time.perf_counter() - adapt_started))
         t0 = time.perf_counter()
-        total = all_reduce_sum(part, comm_device)
-        allreduce_s += time.perf_counter() - t0
+        # Rank 0 keeps the clock (the bench measures from its timeline); every rank takes part in the vote.
+        out_of_time = (rank == 0 and stop_after_s is not None and bool(timeline)
+                       and t0 - started >= timeline[0][0] + stop_after_s)
+        total, stop = all_reduce_sum(part, comm_device, out_of_time)
+        t1 = time.perf_counter()
+        allreduce_s += t1 - t0
         step_size = cfg.meta_step_size_at(step)
         outer.apply((total.delta / total.tasks).float(), step_size)
         throughput.pause(total.tasks)
@@ -182,22 +198,30 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             report(run, row or {"step": done},
                    checkpoint_state(cfg, done, outer.state_dict(), before=before) if save else None,
                    save_run_checkpoint, cfg.keep_checkpoints)
+        if stop_after_s is not None:
+            timeline.append((time.perf_counter() - started, t1 - t0))
+        if stop:  # rank 0's clock ran out (stop_after_s): every rank leaves after this same meta-step
+            break
 
     test = evaluate_sharded("test", cfg.eval_tasks)
     if rank != 0:
         return None
     return {"theta": outer.theta.clone().numpy(), "test": test, "before": before, "tasks": throughput.tasks,
             "train_s": throughput.seconds, "allreduce_s": allreduce_s, "restored_from_step": restored_from,
-            "placements": placements}
+            "placements": placements, "timeline": timeline}
 
 
-def all_reduce_sum(part: DeltaSum, device: torch.device) -> DeltaSum:
-    """Sum the workers' partial DeltaSums in one all_reduce (float64, so the sum is the local trainer's)."""
-    counts = torch.tensor([part.tasks, part.loss_sum, part.accuracy_sum], dtype=torch.float64)
+def all_reduce_sum(part: DeltaSum, device: torch.device, stop: bool = False) -> tuple[DeltaSum, bool]:
+    """Sum the workers' partial DeltaSums in one all_reduce (float64, so the sum is the local trainer's).
+
+    `stop` rides along as a vote: true on any rank comes back true on every rank, so a group that
+    stops on a clock leaves the loop at the same meta-step everywhere (else the next all_reduce hangs)."""
+    counts = torch.tensor([part.tasks, part.loss_sum, part.accuracy_sum, float(stop)], dtype=torch.float64)
     buffer = torch.cat([part.delta.to(torch.float64), counts]).to(device)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     buffer = buffer.cpu()
-    return DeltaSum(buffer[:-3], int(buffer[-3].item()), float(buffer[-2].item()), float(buffer[-1].item()))
+    total = DeltaSum(buffer[:-4], int(buffer[-4].item()), float(buffer[-3].item()), float(buffer[-2].item()))
+    return total, buffer[-1].item() > 0
 
 
 def report(run: RunDir | None, metrics: dict[str, Any], state: dict[str, Any] | None, to_run_dir: bool,
