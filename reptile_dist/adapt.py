@@ -86,20 +86,26 @@ def load_pretrained(path: str) -> Pretrained:
     return Pretrained(cfg, learner, learner.initial_theta(), int(state.get("step", 0)))
 
 
-def export_final(checkpoint_path: str, out_path: str | Path) -> dict:
-    """Write a final.pt (the format `eval` and `adapt` load) from a mid-run engine checkpoint."""
+def export_final(checkpoint_path: str, out_path: str | Path, overrides: dict | None = None) -> dict:
+    """Write a final.pt (the format `eval` and `adapt` load) from a mid-run engine checkpoint or
+    another final.pt, with `overrides` applied to its config (e.g. shots=5: the 1-shot and 5-shot
+    presets of a way count meta-train identically, so one model serves both)."""
     state = load_checkpoint(checkpoint_path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else None
-        raise AdaptError(f"{checkpoint_path} is not a reptile-dist training checkpoint (format {found!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r})")
-    cfg = _config_of(state, checkpoint_path)
+    found = state.get("format") if isinstance(state, dict) else None
+    if found == FINAL_FORMAT:
+        pretrained = load_pretrained(checkpoint_path)
+        cfg, theta, step = pretrained.cfg, pretrained.theta, pretrained.step
+    elif found == CHECKPOINT_FORMAT:
+        cfg, theta, step = _config_of(state, checkpoint_path), state.get("outer", {}).get("theta"), int(state["step"])
+    else:
+        raise AdaptError(f"{checkpoint_path} is not a reptile-dist checkpoint (format {found!r}, expected "
+                         f"{CHECKPOINT_FORMAT!r} or {FINAL_FORMAT!r})")
+    cfg = cfg.replace(**(overrides or {}))
     learner = _learner_for(cfg)
-    theta = state.get("outer", {}).get("theta")
     expected = learner.initial_theta().numel()
     if not isinstance(theta, torch.Tensor) or theta.numel() != expected:
         raise AdaptError(f"{checkpoint_path}: theta does not fit a {cfg.ways}-way {cfg.model} ({expected} parameters)")
-    final = final_state(cfg, int(state["step"]), learner, theta.float())
+    final = final_state(cfg, step, learner, theta.float())
     _write_atomically(Path(out_path), save_torch(final))
     return final
 

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--out", required=True, help="folder for bench.parquet, bench.md and the plots")
     bench.add_argument("--workers", default="1,2", help="worker counts, e.g. 1,2,4 (W=1 always runs: the baseline)")
-    bench.add_argument("--modes", default="sync,async", help="sync and/or async")
+    bench.add_argument("--modes", default="sync,async", help="any of sync, async (parameter server) and allreduce (Ray Train)")
     bench.add_argument("--seconds", type=float, default=20.0, help="measured seconds per combination")
     bench.add_argument("--warmup", type=float, default=5.0, help="seconds run before measuring")
     bench.add_argument("--straggler", type=float, default=1.0, metavar="FACTOR",
@@ -84,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--seed", type=int, default=0, help="seed of the inner loop's mini-batches")
     adapt.add_argument("--out", help="also write the predictions as CSV: file,predicted_class,probability")
 
-    export = sub.add_parser("export", help="write a final.pt from a mid-run checkpoint (checkpoints/ckpt-*.pt)")
-    export.add_argument("--checkpoint", required=True, help="checkpoints/ckpt-<step>.pt of a run")
+    export = sub.add_parser("export", help="write a final.pt from a mid-run checkpoint or another final.pt")
+    export.add_argument("--checkpoint", required=True, help="checkpoints/ckpt-<step>.pt or final.pt of a run")
     export.add_argument("--out", required=True, help="final.pt to write (for eval and adapt)")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change the model's config, e.g. --set shots=5 (the weights must still fit)")
     return parser
 
 
@@ -207,7 +209,7 @@ def cmd_adapt(args) -> int:
 def cmd_export(args) -> int:
     from reptile_dist.adapt import export_final
 
-    final = export_final(args.checkpoint, args.out)
+    final = export_final(args.checkpoint, args.out, parse_overrides(args.overrides))
     print(f"wrote {args.out} (meta-step {final['step']}, {final['family']}, {final['config']['ways']}-way)")
     return 0
 

@@ -174,7 +174,20 @@ def test_checkpoints_of_the_wrong_kind_are_refused(task_folder, tmp_path, capsys
     assert "reptile-dist export" in run_error(adapt_args(support, query, tmp_path / "ckpt.pt"), capsys)
 
 
-def test_export_refuses_a_file_that_is_not_a_training_checkpoint(tmp_path):
-    with pytest.raises(AdaptError, match="not a reptile-dist training checkpoint"):
-        export_final(str(PRETRAINED), tmp_path / "model.pt")  # already a final.pt
+def test_export_refuses_a_file_that_is_not_a_reptile_checkpoint(tmp_path):
+    (tmp_path / "other.pt").write_bytes(save_torch({"format": "someone-else", "weights": torch.zeros(3)}))
+    with pytest.raises(AdaptError, match="not a reptile-dist checkpoint"):
+        export_final(str(tmp_path / "other.pt"), tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_export_retargets_a_final_pt_to_another_shot_count_with_the_same_weights(tmp_path, capsys):
+    out = tmp_path / "five-shot.pt"
+    assert main(["export", "--checkpoint", str(PRETRAINED), "--out", str(out), "--set", "shots=5"]) == 0
+    source, exported = load_pretrained(str(PRETRAINED)), load_pretrained(str(out))
+    assert exported.cfg.shots == 5 and exported.cfg.replace(shots=source.cfg.shots) == source.cfg
+    assert exported.step == source.step and torch.equal(exported.theta, source.theta)
+    # Weights of a 5-way net do not fit a 20-way one: one line, nothing written.
+    assert "does not fit a 20-way" in run_error(["export", "--checkpoint", str(PRETRAINED), "--out",
+                                                  str(tmp_path / "bad.pt"), "--set", "ways=20"], capsys)
+    assert not (tmp_path / "bad.pt").exists()
