@@ -50,7 +50,7 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
                     labels.append(f"{mode}\nW={r['workers']}")
                     values.append(base["tasks_per_s"])
                     colors.append(color)
-                labels.append(f"{mode}, worker {r['straggler_worker']}\n{r['straggler_factor']:g}x slower")
+                labels.append(f"{mode}\nworker {r['straggler_worker']}\n{r['straggler_factor']:g}x slower")
                 values.append(r["tasks_per_s"])
                 colors.append(color)
         bars = ax.bar(range(len(values)), values, color=colors)
