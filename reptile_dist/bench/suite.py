@@ -76,7 +76,8 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
     engine_rows: list[dict[str, Any]] = []
     capacity_rows: list[dict[str, Any]] = []
     rates: dict[str, float] = {}
-    with ray_cluster(cfg.replace(backend="ray", workers=max(workers)), plan.address):
+    cluster_mode = "allreduce" if "allreduce" in plan.modes else cfg.mode
+    with ray_cluster(cfg.replace(backend="ray", workers=max(workers), mode=cluster_mode), plan.address):
         if plan.modes:
             local = measure_local(cfg, family, plan.seconds, plan.warmup)
             batched = measure_local(cfg.replace(batched_adaptation=True), family, plan.seconds, plan.warmup)

@@ -52,7 +52,10 @@ def ray_cluster(cfg: Config, address: str | None) -> Iterator[None]:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
         else:
             cpus = max(os.cpu_count() or 1, int(logical_cpus_needed(cfg) + 0.999))
-            ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True)
+            # Ray Train's placement-group cleaner polls the state API, which the dashboard serves
+            # (on 127.0.0.1); without it, it logs a warning every second of an allreduce run.
+            ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=cfg.mode == "allreduce",
+                     log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
     try:
