@@ -162,6 +162,17 @@ def preset_path(name: str) -> Path:
     return Path(str(resources.files("reptile_dist") / "presets" / f"{name}.yaml"))
 
 
+def read_yaml_mapping(path: Path, error: type[Exception], what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping, or `error` in one line naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping of {what}")
+    return data
+
+
 def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> Config:
     """A preset name or a YAML file, then overrides. Unknown keys and bad values raise ConfigError."""
     path = Path(name_or_path)
@@ -169,12 +180,7 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> C
         path = preset_path(name_or_path)
     if not path.exists():
         raise ConfigError(f"config '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys")
+    data = read_yaml_mapping(path, ConfigError, "config keys")
     data.update(overrides or {})
     return Config().replace(**data)
 

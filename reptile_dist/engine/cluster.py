@@ -1,6 +1,7 @@
 """Joining or starting a Ray cluster, and what the engine asks of it."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 from contextlib import contextmanager
@@ -37,13 +38,11 @@ def logical_cpus_needed(cfg: Config) -> float:
 
 
 @contextmanager
-def ray_cluster(cfg: Config, address: str | None) -> Iterator[None]:
-    """Join `address`, or start a local cluster in-process and shut it down at the end.
-
-    A local cluster advertises at least enough logical CPUs for the run's placement group:
-    the parameter server and evaluator mostly wait, so oversubscribing the cores is intended."""
+def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = False) -> Iterator[None]:
+    """Join `address`, or start a local cluster in-process that advertises `num_cpus` logical CPUs
+    and shut it down at the end; inside a running session (a Tune trial, a caller's), use it."""
     if ray.is_initialized():
-        yield  # inside a Tune trial or a caller's session: use it, leave it running
+        yield  # leave it running: it is not ours
         return
     if address:
         check_reachable(address)
@@ -51,17 +50,22 @@ def ray_cluster(cfg: Config, address: str | None) -> Iterator[None]:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
         else:
-            cpus = max(os.cpu_count() or 1, int(logical_cpus_needed(cfg) + 0.999))
-            # Ray Train's placement-group cleaner polls the state API, which the dashboard serves
-            # (on 127.0.0.1); without it, it logs a warning every second of an allreduce run.
-            ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=cfg.mode == "allreduce",
-                     log_to_driver=True)
+            ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=include_dashboard, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def ray_cluster(cfg: Config, address: str | None):
+    """`ray_session` for one run. A local cluster advertises at least enough logical CPUs for the
+    run's placement group: the parameter server and evaluator mostly wait, so oversubscribing the
+    cores is intended. Ray Train's placement-group cleaner polls the state API, which the
+    dashboard serves (on 127.0.0.1); without it, it logs a warning every second of an allreduce run."""
+    cpus = max(os.cpu_count() or 1, math.ceil(logical_cpus_needed(cfg)))
+    return ray_session(address, cpus, include_dashboard=cfg.mode == "allreduce")
 
 
 def cluster_gpus() -> float:

@@ -12,43 +12,26 @@ import math
 import os
 import re
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
 import yaml
 from ray import tune
 
-from reptile_dist.engine.cluster import NAMESPACE, ClusterError
+from reptile_dist.engine.cluster import ray_session
 from reptile_dist.rundir import RunDir
 from reptile_dist.sweep.spec import SweepError, SweepSpec, cast
 from reptile_dist.sweep.trainable import trainable
 
 
-@contextmanager
-def sweep_cluster(spec: SweepSpec, address: str | None) -> Iterator[None]:
+def sweep_cluster(spec: SweepSpec, address: str | None):
     """Join `address`, use a running session, or start a local cluster that advertises enough
     logical CPUs for `max_concurrent_trials` placement groups (the parameter servers and
     drivers mostly wait, so oversubscribing the cores is intended)."""
-    if ray.is_initialized():
-        yield
-        return
-    try:
-        if address:
-            ray.init(address=address, namespace=NAMESPACE)
-        else:
-            cpus = max(os.cpu_count() or 1, math.ceil(spec.placement_cpus() * spec.max_concurrent_trials))
-            ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    return ray_session(address, max(os.cpu_count() or 1, math.ceil(spec.placement_cpus() * spec.max_concurrent_trials)))
 
 
 def run_sweep(spec: SweepSpec, out: str, address: str | None = None, resume: bool = False, verbose: int = 1,

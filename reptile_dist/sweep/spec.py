@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from reptile_dist.config import FIELDS, Config, ConfigError, load_config
+from reptile_dist.config import FIELDS, Config, ConfigError, load_config, read_yaml_mapping
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 SCHEDULERS = ("asha", "pbt")
@@ -133,12 +132,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: expected a mapping (name, base, space, metric, scheduler, budget)")
+    data = read_yaml_mapping(path, SweepError, "name, base, space, metric, scheduler, budget")
     try:
         if overrides:
             base = data.get("base") if isinstance(data.get("base"), dict) else {}
