@@ -69,6 +69,10 @@ class Learner:
         self.optimizer = optimizer
         self.lr = lr
         self.device = torch.device(device)
+        # Adam's second-moment estimate (a tensor per parameter) each adaptation starts from;
+        # None: zero, i.e. a fresh optimizer. benchmarks/adam_state_probe.py measures what the
+        # reference code's carried-over estimate is worth at test time.
+        self.inner_second_moment: list[torch.Tensor] | None = None
 
     def initial_theta(self) -> torch.Tensor:
         return parameters_to_vector(self.model.parameters()).detach().clone()
@@ -96,6 +100,10 @@ class Learner:
         self.load(theta)
         x, y = x.to(self.device), y.to(self.device)
         opt = inner_optimizer(self.optimizer, self.model.parameters(), self.lr)
+        if self.inner_second_moment is not None and self.optimizer == "adam":
+            for p, v in zip(self.model.parameters(), self.inner_second_moment):
+                # A long-running estimate: step count past where Adam's bias correction matters.
+                opt.state[p] = {"step": torch.tensor(1e6), "exp_avg": torch.zeros_like(p), "exp_avg_sq": v.clone()}
         loss = torch.tensor(float("nan"))
         accuracy = float("nan")
         for batch in mini_batches(len(x), batch_size, steps, replacement, rng):

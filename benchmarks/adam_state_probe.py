@@ -1,0 +1,68 @@
+"""How much of the gap to the paper is the inner Adam's state? A measurement on one checkpoint.
+
+openai/supervised-reptile keeps one Adam (beta1 = 0) for the whole run: its second-moment
+estimate carries over from task to task in training, and every evaluation task starts from the
+estimate training left behind (its maintainers: "Reptile benefits from the Adam second moment
+estimate", openai/supervised-reptile#28). reptile-dist starts every task from a fresh optimizer,
+which is what lets any worker adapt any task. This probe evaluates the same theta on the same
+test tasks twice: with fresh Adam state (as reptile-dist does), and starting from a second-moment
+estimate built the reference's way (one optimizer carried through `--warm-tasks` training tasks
+adapted from theta one after another).
+
+    python benchmarks/adam_state_probe.py --checkpoint pretrained/omniglot-5w1s.pt --tasks 1000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from reptile_dist.adapt import load_pretrained
+from reptile_dist.evaluation import evaluate, headline
+from reptile_dist.reptile import inner_optimizer, mini_batches, task_loss
+from reptile_dist.tasks import build_family
+from reptile_dist.tasks.base import TRAIN_STREAM, task_rng
+
+
+def carried_second_moment(learner, family, theta, cfg, tasks: int) -> list[torch.Tensor]:
+    """The reference's training loop, with theta held still: one Adam through `tasks` tasks."""
+    opt = inner_optimizer(cfg.inner_optimizer, learner.model.parameters(), cfg.inner_lr)
+    for i in range(tasks):
+        rng = task_rng(cfg.seed, TRAIN_STREAM, cfg.meta_iters, i)  # a meta-step the run never drew
+        task = family.train_task(rng)
+        learner.load(theta)
+        for batch in mini_batches(len(task.support_x), cfg.inner_batch_size, cfg.inner_steps, cfg.inner_replacement, rng):
+            index = torch.from_numpy(batch)
+            loss = task_loss(learner.kind, learner.model(task.support_x[index]), task.support_y[index])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    learner.load(theta)
+    return [opt.state[p]["exp_avg_sq"].clone() for p in learner.model.parameters()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--tasks", type=int, default=1000, help="test tasks, the same ones for both")
+    parser.add_argument("--warm-tasks", type=int, default=200, help="training tasks the carried estimate is built on")
+    parser.add_argument("--data", help="prepared image table (default: the checkpoint config's)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = load_pretrained(args.checkpoint)
+    cfg = model.cfg.replace(data=args.data) if args.data else model.cfg
+    family = build_family(cfg)
+    learner, theta = model.learner, model.theta
+    fresh = evaluate(learner, family, theta, cfg, "test", args.tasks)
+    print(f"fresh Adam state (reptile-dist): {headline(fresh, family.kind)}")
+    learner.inner_second_moment = carried_second_moment(learner, family, theta, cfg, args.warm_tasks)
+    carried = evaluate(learner, family, theta, cfg, "test", args.tasks)
+    print(f"carried second moment (reference): {headline(carried, family.kind)}")
+    print(json.dumps({"checkpoint": args.checkpoint, "fresh": fresh, "carried": carried, "warm_tasks": args.warm_tasks}))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
