@@ -10,6 +10,11 @@ estimate built the reference's way (one optimizer carried through `--warm-tasks`
 adapted from theta one after another).
 
     python benchmarks/adam_state_probe.py --checkpoint pretrained/omniglot-5w1s.pt --tasks 1000
+
+With `--train N` it measures the training side too: it meta-trains the checkpoint's preset from
+scratch for N meta-steps twice, with the same tasks and step-size schedule, once with a fresh
+optimizer per task (reptile-dist) and once with one Adam carried through every task in order (the
+reference), and evaluates each the way it was trained (fresh state / the carried estimate).
 """
 from __future__ import annotations
 
@@ -21,26 +26,54 @@ import torch
 
 from reptile_dist.adapt import load_pretrained
 from reptile_dist.evaluation import evaluate, headline
-from reptile_dist.reptile import inner_optimizer, mini_batches, task_loss
+from reptile_dist.reptile import OuterOptimizer, adapt_tasks, inner_optimizer, mini_batches, task_loss
 from reptile_dist.tasks import build_family
 from reptile_dist.tasks.base import TRAIN_STREAM, task_rng
+from reptile_dist.training import make_learner
+
+
+def adapt_carrying(learner, opt, family, theta, cfg, step: int, i: int) -> torch.Tensor:
+    """Task (step, i) adapted from theta with the caller's optimizer, whose state carries on."""
+    rng = task_rng(cfg.seed, TRAIN_STREAM, step, i)
+    task = family.train_task(rng)
+    learner.load(theta)
+    for batch in mini_batches(len(task.support_x), cfg.inner_batch_size, cfg.inner_steps, cfg.inner_replacement, rng):
+        index = torch.from_numpy(batch)
+        loss = task_loss(learner.kind, learner.model(task.support_x[index]), task.support_y[index])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return learner.theta() - theta
+
+
+def second_moment(learner, opt) -> list[torch.Tensor]:
+    return [opt.state[p]["exp_avg_sq"].clone() for p in learner.model.parameters()]
 
 
 def carried_second_moment(learner, family, theta, cfg, tasks: int) -> list[torch.Tensor]:
     """The reference's training loop, with theta held still: one Adam through `tasks` tasks."""
     opt = inner_optimizer(cfg.inner_optimizer, learner.model.parameters(), cfg.inner_lr)
     for i in range(tasks):
-        rng = task_rng(cfg.seed, TRAIN_STREAM, cfg.meta_iters, i)  # a meta-step the run never drew
-        task = family.train_task(rng)
-        learner.load(theta)
-        for batch in mini_batches(len(task.support_x), cfg.inner_batch_size, cfg.inner_steps, cfg.inner_replacement, rng):
-            index = torch.from_numpy(batch)
-            loss = task_loss(learner.kind, learner.model(task.support_x[index]), task.support_y[index])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        adapt_carrying(learner, opt, family, theta, cfg, cfg.meta_iters, i)  # a meta-step the run never drew
     learner.load(theta)
-    return [opt.state[p]["exp_avg_sq"].clone() for p in learner.model.parameters()]
+    return second_moment(learner, opt)
+
+
+def meta_train(cfg, family, carry: bool):
+    """The local trainer's loop (θ += ε·mean delta, ε annealed), with or without a carried Adam."""
+    learner = make_learner(cfg, family)
+    outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer)
+    opt = inner_optimizer(cfg.inner_optimizer, learner.model.parameters(), cfg.inner_lr) if carry else None
+    for step in range(cfg.meta_iters):
+        if carry:
+            mean = sum(adapt_carrying(learner, opt, family, outer.theta, cfg, step, i)
+                       for i in range(cfg.meta_batch_size)) / cfg.meta_batch_size
+        else:
+            result = adapt_tasks(learner, family, outer.theta, cfg, step, range(cfg.meta_batch_size))
+            mean = result.delta / result.tasks
+        outer.apply(mean.float(), cfg.meta_step_size_at(step))
+    learner.inner_second_moment = second_moment(learner, opt) if carry else None
+    return learner, outer.theta
 
 
 def main() -> None:
@@ -49,11 +82,21 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000, help="test tasks, the same ones for both")
     parser.add_argument("--warm-tasks", type=int, default=200, help="training tasks the carried estimate is built on")
     parser.add_argument("--data", help="prepared image table (default: the checkpoint config's)")
+    parser.add_argument("--train", type=int, default=0, metavar="N", help="also meta-train N steps both ways")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_pretrained(args.checkpoint)
     cfg = model.cfg.replace(data=args.data) if args.data else model.cfg
     family = build_family(cfg)
+    if args.train:
+        cfg = cfg.replace(meta_iters=args.train)
+        results = {}
+        for name, carry in (("fresh", False), ("carried", True)):
+            learner, theta = meta_train(cfg, family, carry)
+            results[name] = evaluate(learner, family, theta, cfg, "test", args.tasks)
+            print(f"meta-trained {args.train} steps, {name} Adam state: {headline(results[name], family.kind)}", flush=True)
+        print(json.dumps({"preset_of": args.checkpoint, "train_steps": args.train, **results}))
+        return
     learner, theta = model.learner, model.theta
     fresh = evaluate(learner, family, theta, cfg, "test", args.tasks)
     print(f"fresh Adam state (reptile-dist): {headline(fresh, family.kind)}")
