@@ -131,6 +131,10 @@ def cmd_eval(args) -> int:
     if args.tasks:
         overrides["eval_tasks"] = args.tasks
     cfg = Config().replace(**state["config"]).replace(**overrides)
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     family = build_family(cfg)
     learner = make_learner(cfg, family)
     learner.model.load_state_dict(state["model_state"])
