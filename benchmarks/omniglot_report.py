@@ -50,8 +50,10 @@ def result_of(runs: Path, run: str, log: str | None) -> dict:
 def manifest_entry(name: str, run: str, log: str | None, res: dict, train_command: str) -> dict:
     s, ev = res["summary"], res["eval"]
     export = f"reptile-dist export --checkpoint runs/repro/{run}/final.pt --out pretrained/{name}.pt"
+    commands = [train_command]
     if log:
         export += " --set shots=5"
+        commands.append(f"reptile-dist eval --checkpoint runs/repro/{run}/final.pt --tasks {ev['tasks']} --set shots=5")
     return {
         "file": f"{name}.pt", "preset": name.replace("-alphabet", ""), "split": s["split"],
         "meta_iters": s["meta_iters"], "train_wall_s": round(s["wall_s"]), "train_tasks_per_s": round(s["tasks_per_s"], 1),
@@ -59,7 +61,7 @@ def manifest_entry(name: str, run: str, log: str | None, res: dict, train_comman
         "test_accuracy": round(100 * ev["accuracy"], 2), "test_ci95": round(100 * ev["accuracy_ci95"], 2),
         "test_transductive_accuracy": round(100 * ev["transductive_accuracy"], 2),
         "test_transductive_ci95": round(100 * ev["transductive_accuracy_ci95"], 2), "eval_tasks": ev["tasks"],
-        "commands": [train_command, export],
+        "commands": commands + [export],
     }
 
 
