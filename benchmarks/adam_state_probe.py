@@ -26,7 +26,7 @@ import torch
 
 from reptile_dist.adapt import load_pretrained
 from reptile_dist.evaluation import evaluate, headline
-from reptile_dist.reptile import OuterOptimizer, adapt_tasks, inner_optimizer, mini_batches, task_loss
+from reptile_dist.reptile import OuterOptimizer, adapt_tasks, inner_optimizer
 from reptile_dist.tasks import build_family
 from reptile_dist.tasks.base import TRAIN_STREAM, task_rng
 from reptile_dist.training import make_learner
@@ -36,14 +36,8 @@ def adapt_carrying(learner, opt, family, theta, cfg, step: int, i: int) -> torch
     """Task (step, i) adapted from theta with the caller's optimizer, whose state carries on."""
     rng = task_rng(cfg.seed, TRAIN_STREAM, step, i)
     task = family.train_task(rng)
-    learner.load(theta)
-    for batch in mini_batches(len(task.support_x), cfg.inner_batch_size, cfg.inner_steps, cfg.inner_replacement, rng):
-        index = torch.from_numpy(batch)
-        loss = task_loss(learner.kind, learner.model(task.support_x[index]), task.support_y[index])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return learner.theta() - theta
+    return learner.adapt(theta, task.support_x, task.support_y, cfg.inner_steps, cfg.inner_batch_size,
+                         cfg.inner_replacement, rng, opt=opt).delta
 
 
 def second_moment(learner, opt) -> list[torch.Tensor]:

@@ -90,20 +90,27 @@ class Learner:
     def theta(self) -> torch.Tensor:
         return parameters_to_vector(self.model.parameters()).detach()
 
-    def adapt(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int,
-              replacement: bool, rng: np.random.Generator) -> AdaptResult:
-        """Adapt theta to (x, y) with a fresh inner optimizer; theta itself is not modified.
-
-        The optimizer starts fresh for every task (the reference code carries Adam's moments from
-        task to task, which ties a task's result to the order tasks were adapted in)."""
-        theta = theta.to(self.device)
-        self.load(theta)
-        x, y = x.to(self.device), y.to(self.device)
+    def _fresh_optimizer(self) -> torch.optim.Optimizer:
         opt = inner_optimizer(self.optimizer, self.model.parameters(), self.lr)
         if self.inner_second_moment is not None and self.optimizer == "adam":
             for p, v in zip(self.model.parameters(), self.inner_second_moment):
                 # A long-running estimate: step count past where Adam's bias correction matters.
                 opt.state[p] = {"step": torch.tensor(1e6), "exp_avg": torch.zeros_like(p), "exp_avg_sq": v.clone()}
+        return opt
+
+    def adapt(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int,
+              replacement: bool, rng: np.random.Generator, opt: torch.optim.Optimizer | None = None) -> AdaptResult:
+        """Adapt theta to (x, y) with a fresh inner optimizer; theta itself is not modified.
+
+        The optimizer starts fresh for every task (the reference code carries Adam's moments from
+        task to task, which ties a task's result to the order tasks were adapted in). `opt`: the
+        caller's optimizer over this model's parameters instead, whose state then carries on
+        (benchmarks/adam_state_probe.py uses it to train the reference's way)."""
+        theta = theta.to(self.device)
+        self.load(theta)
+        x, y = x.to(self.device), y.to(self.device)
+        if opt is None:
+            opt = self._fresh_optimizer()
         loss = torch.tensor(float("nan"))
         accuracy = float("nan")
         for batch in mini_batches(len(x), batch_size, steps, replacement, rng):
