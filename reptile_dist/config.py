@@ -120,6 +120,11 @@ class Config:
         frac = min(max(progress / self.meta_iters, 0.0), 1.0)
         return frac * self.meta_step_size_final + (1 - frac) * self.meta_step_size
 
+    def straggler_delay(self, worker: int, adapt_s: float) -> float:
+        """Seconds worker `worker` waits after an adaptation of `adapt_s` seconds, so that the
+        benchmarks' straggler is `straggler_factor` times slower, as a slower device would be."""
+        return (self.straggler_factor - 1) * adapt_s if worker == self.straggler_worker else 0.0
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 FIELD_NAMES = set(FIELDS)

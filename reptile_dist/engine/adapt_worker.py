@@ -92,8 +92,7 @@ class AdaptWorker(Workspace):
                 result = adapt_tasks(self.learner, self.family, theta, cfg, version, share)
                 adapt_s = time.perf_counter() - t0
                 busy += adapt_s
-            if cfg.straggler_factor > 1 and self.index == cfg.straggler_worker:
-                time.sleep((cfg.straggler_factor - 1) * adapt_s)  # a slower device, for benchmarks
+            time.sleep(cfg.straggler_delay(self.index, adapt_s))
             delta = result.delta
             if self._poison.is_set():
                 self._poison.clear()

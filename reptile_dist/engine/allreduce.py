@@ -164,8 +164,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         throughput.resume()
         adapt_started = time.perf_counter()
         part = adapt_tasks(learner, family, outer.theta, cfg, step, share)
-        if cfg.straggler_factor > 1 and rank == cfg.straggler_worker:  # a slower device, for benchmarks
-            time.sleep((cfg.straggler_factor - 1) * (time.perf_counter() - adapt_started))
+        time.sleep(cfg.straggler_delay(rank, time.perf_counter() - adapt_started))
         t0 = time.perf_counter()
         # Rank 0 keeps the clock (the bench measures from its timeline); every rank takes part in the vote.
         out_of_time = (rank == 0 and stop_after_s is not None and bool(timeline)
