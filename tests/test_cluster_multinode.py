@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 LOCAL_SH = REPO / "cluster" / "local.sh"
 BIN = Path(sys.executable).parent  # local.sh uses the ray of .venv too, and puts it first on PATH
 UP_TIMEOUT_S = 120
