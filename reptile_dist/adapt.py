@@ -23,7 +23,7 @@ from reptile_dist.config import Config, ConfigError
 from reptile_dist.data.omniglot import IMAGE_SIZE, preprocess_image
 from reptile_dist.evaluation import non_transductive_outputs
 from reptile_dist.models import build_model
-from reptile_dist.reptile import Learner
+from reptile_dist.reptile import InnerMoment, Learner
 from reptile_dist.rundir import load_checkpoint, save_torch
 from reptile_dist.tasks.images import load_images
 from reptile_dist.training import CHECKPOINT_FORMAT, FINAL_FORMAT, final_state
@@ -50,6 +50,7 @@ class Pretrained:
     learner: Learner
     theta: torch.Tensor
     step: int
+    moment: InnerMoment | None = None  # the carried inner estimate adaptation starts from (inner_state: carried)
 
 
 def _config_of(state: dict, path: str) -> Config:
@@ -83,7 +84,11 @@ def load_pretrained(path: str) -> Pretrained:
     except (KeyError, RuntimeError) as exc:
         raise AdaptError(f"{path}: its weights do not fit a {cfg.ways}-way {cfg.model} "
                          f"({' '.join(str(exc).split())[:200]})") from None
-    return Pretrained(cfg, learner, learner.initial_theta(), int(state.get("step", 0)))
+    theta = learner.initial_theta()
+    moment = InnerMoment.from_state(state.get("inner_moment"))
+    if moment is not None and moment.sq.numel() != theta.numel():
+        raise AdaptError(f"{path}: its inner second-moment estimate does not fit its weights")
+    return Pretrained(cfg, learner, theta, int(state.get("step", 0)), moment)
 
 
 def export_final(checkpoint_path: str, out_path: str | Path, overrides: dict | None = None) -> dict:
@@ -94,9 +99,11 @@ def export_final(checkpoint_path: str, out_path: str | Path, overrides: dict | N
     found = state.get("format") if isinstance(state, dict) else None
     if found == FINAL_FORMAT:
         pretrained = load_pretrained(checkpoint_path)
-        cfg, theta, step = pretrained.cfg, pretrained.theta, pretrained.step
+        cfg, theta, step, moment = pretrained.cfg, pretrained.theta, pretrained.step, pretrained.moment
     elif found == CHECKPOINT_FORMAT:
-        cfg, theta, step = _config_of(state, checkpoint_path), state.get("outer", {}).get("theta"), int(state["step"])
+        outer = state.get("outer", {})
+        cfg, theta, step = _config_of(state, checkpoint_path), outer.get("theta"), int(state["step"])
+        moment = InnerMoment.from_state(outer.get("inner_moment"))
     else:
         raise AdaptError(f"{checkpoint_path} is not a reptile-dist checkpoint (format {found!r}, expected "
                          f"{CHECKPOINT_FORMAT!r} or {FINAL_FORMAT!r})")
@@ -105,7 +112,7 @@ def export_final(checkpoint_path: str, out_path: str | Path, overrides: dict | N
     expected = learner.initial_theta().numel()
     if not isinstance(theta, torch.Tensor) or theta.numel() != expected:
         raise AdaptError(f"{checkpoint_path}: theta does not fit a {cfg.ways}-way {cfg.model} ({expected} parameters)")
-    final = final_state(cfg, step, learner, theta.float())
+    final = final_state(cfg, step, learner, theta.float(), moment)
     _write_atomically(Path(out_path), save_torch(final))
     return final
 
@@ -180,8 +187,9 @@ def read_queries(path: str | Path) -> tuple[torch.Tensor, list[Path]]:
 
 def adapt_and_predict(checkpoint: str, support: str | Path, query: str | Path, steps: int | None = None,
                       transductive: bool = False, seed: int = 0) -> list[Prediction]:
-    """Adapt the checkpoint's theta on the support set with its evaluation inner loop (fresh
-    optimizer, mini-batches drawn from `seed`), then predict every query."""
+    """Adapt the checkpoint's theta on the support set with its evaluation inner loop (from its
+    carried second-moment estimate when it has one, else a fresh optimizer; mini-batches drawn
+    from `seed`), then predict every query."""
     model = load_pretrained(checkpoint)
     cfg = model.cfg
     sx, sy, names = read_support(support, cfg.ways)
@@ -190,7 +198,7 @@ def adapt_and_predict(checkpoint: str, support: str | Path, query: str | Path, s
         raise AdaptError(f"--steps={steps} is out of range (must be >= 0)")
     learner = model.learner
     learner.adapt(model.theta, sx, sy, cfg.eval_inner_steps if steps is None else steps, cfg.eval_batch_size,
-                  cfg.inner_replacement, np.random.default_rng(seed))
+                  cfg.inner_replacement, np.random.default_rng(seed), moment=model.moment)
     with torch.no_grad():
         outputs = learner.model(qx) if transductive else non_transductive_outputs(learner.model, sx, qx)
         probability, label = torch.softmax(outputs, dim=1).max(dim=1)

@@ -117,6 +117,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from reptile_dist.evaluation import evaluate, headline
     from reptile_dist.rundir import load_checkpoint
+    from reptile_dist.reptile import InnerMoment
     from reptile_dist.training import FINAL_FORMAT, make_learner
     from reptile_dist.config import Config
     from reptile_dist.tasks import build_family
@@ -139,7 +140,9 @@ def cmd_eval(args) -> int:
     learner = make_learner(cfg, family)
     learner.model.load_state_dict(state["model_state"])
     theta = parameters_to_vector(learner.model.parameters()).detach().clone()
-    result = evaluate(learner, family, theta, cfg, args.split, cfg.eval_tasks)
+    # Carried inner state: tasks start from the estimate training left (`--set inner_state=fresh`: from zero).
+    moment = InnerMoment.from_state(state.get("inner_moment")) if cfg.carries_inner_moment else None
+    result = evaluate(learner, family, theta, cfg, args.split, cfg.eval_tasks, moment)
     print(f"{args.split}: {headline(result, family.kind)}")
     print(json.dumps(result))
     return 0

@@ -44,6 +44,9 @@ class Config:
     inner_steps: int = knob(5, "inner steps per meta-training task", lo=1)
     inner_batch_size: int = knob(10, "inner mini-batch size", lo=1)
     inner_replacement: bool = knob(False, "draw inner mini-batches with replacement")
+    inner_state: str = knob("fresh", "inner Adam state: fresh per task, or carried (a second-moment estimate "
+                                     "kept beside theta, averaged over each meta-step's tasks, as the reference "
+                                     "code's one long-lived Adam)", choices=("fresh", "carried"))
     batched_adaptation: bool = knob(False, "adapt a push's tasks side by side (torch.func.vmap); same deltas "
                                            "to float rounding; slower than the loop on the CPUs measured")
 
@@ -103,6 +106,8 @@ class Config:
             )
         if self.straggler_factor > 1 and self.straggler_worker >= self.workers:
             raise ConfigError(f"straggler_worker={self.straggler_worker} is out of range (must be < workers={self.workers})")
+        if self.inner_state == "carried" and self.inner_optimizer != "adam":
+            raise ConfigError("inner_state=carried needs inner_optimizer=adam (it carries Adam's second moment)")
         if self.val_characters and self.family != "omniglot":
             raise ConfigError("val_characters applies to the omniglot family only")
 
@@ -114,6 +119,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def carries_inner_moment(self) -> bool:
+        return self.inner_state == "carried"
 
     def meta_step_size_at(self, progress: float) -> float:
         """Linear annealing from meta_step_size to meta_step_size_final; progress in meta-steps."""

@@ -1,7 +1,8 @@
 """Few-shot evaluation on held-out tasks, as openai/supervised-reptile defines it.
 
-Each task: adapt theta on the support set (eval_inner_steps of the inner optimizer, fresh state),
-then predict the queries
+Each task: adapt theta on the support set (eval_inner_steps of the inner optimizer, starting from
+the carried second-moment estimate training left when there is one, else fresh), then predict the
+queries
 - transductively: all queries in one batch (batch norm sees the query batch's statistics);
 - non-transductively: each query in a batch of the whole support set plus that one query,
   so no two queries ever share a batch.
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from reptile_dist.config import Config
-from reptile_dist.reptile import Learner, task_loss
+from reptile_dist.reptile import InnerMoment, Learner, task_loss
 from reptile_dist.tasks.base import EVAL_STREAMS, Task, TaskFamily, task_rng
 
 
@@ -49,14 +50,14 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
 
 
 def score_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, split: str,
-                task_indices: Iterable[int]) -> TaskScores:
+                task_indices: Iterable[int], moment: InnerMoment | None = None) -> TaskScores:
     """Adapt to and score evaluation tasks `task_indices` of `split` (seeded by cfg.seed, split, i)."""
     scores = TaskScores([], [], [])
     for i in task_indices:
         rng = task_rng(cfg.seed, EVAL_STREAMS[split], 0, i)
         task: Task = family.eval_task(rng, split)
         learner.adapt(theta, task.support_x, task.support_y, cfg.eval_inner_steps, cfg.eval_batch_size,
-                      cfg.inner_replacement, rng)
+                      cfg.inner_replacement, rng, moment=moment)
         sx, qx, qy = (t.to(learner.device) for t in (task.support_x, task.query_x, task.query_y))
         with torch.no_grad():
             transductive = learner.model(qx)
@@ -83,8 +84,9 @@ def summarize(scores: TaskScores, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def evaluate(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, split: str, num_tasks: int) -> dict[str, float]:
-    return summarize(score_tasks(learner, family, theta, cfg, split, range(num_tasks)))
+def evaluate(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, split: str, num_tasks: int,
+             moment: InnerMoment | None = None) -> dict[str, float]:
+    return summarize(score_tasks(learner, family, theta, cfg, split, range(num_tasks), moment))
 
 
 def headline(result: dict[str, float], kind: str) -> str:

@@ -27,9 +27,10 @@ def train_local(cfg: Config, out: str, resume: bool = False, progress: bool = Tr
                disable=not progress, desc="meta-train", dynamic_ncols=True)
     for step in bar:
         throughput.resume()
-        result = adapt_tasks(s.learner, s.family, s.outer.theta, cfg, step, range(cfg.meta_batch_size))
+        result = adapt_tasks(s.learner, s.family, s.outer.theta, cfg, step, range(cfg.meta_batch_size),
+                             s.outer.inner_moment)
         step_size = cfg.meta_step_size_at(step)
-        s.outer.apply((result.delta / result.tasks).float(), step_size)
+        s.outer.apply((result.delta / result.tasks).float(), step_size, result.mean_moment())
         throughput.pause(result.tasks)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.meta_iters:
@@ -37,7 +38,8 @@ def train_local(cfg: Config, out: str, resume: bool = False, progress: bool = Tr
                    "train_accuracy": result.accuracy_sum / result.tasks, "tasks_per_s": throughput.tasks_per_s,
                    "wall_s": time.perf_counter() - started}
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.meta_iters):
-                ev = evaluate(s.learner, s.family, s.outer.theta, cfg, periodic_split(s.family), cfg.eval_tasks_periodic)
+                ev = evaluate(s.learner, s.family, s.outer.theta, cfg, periodic_split(s.family), cfg.eval_tasks_periodic,
+                              s.outer.inner_moment)
                 row.update({f"eval_{k}": v for k, v in ev.items() if k != "tasks"})
             s.run.log(row)
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("train_loss", "eval_accuracy", "eval_loss",
@@ -45,4 +47,5 @@ def train_local(cfg: Config, out: str, resume: bool = False, progress: bool = Tr
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             s.run.save_checkpoint(done, checkpoint_state(cfg, done, s.outer.state_dict()), cfg.keep_checkpoints)
     bar.close()
-    return finish_run(s, s.outer.theta, cfg.meta_iters, throughput, time.perf_counter() - started, before, say=say)
+    return finish_run(s, s.outer.theta, cfg.meta_iters, throughput, time.perf_counter() - started, before, say=say,
+                      moment=s.outer.inner_moment)

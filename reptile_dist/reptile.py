@@ -54,10 +54,37 @@ def inner_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 @dataclass
+class InnerMoment:
+    """The inner Adam's second-moment estimate, carried from task to task (`inner_state: carried`).
+
+    openai/supervised-reptile keeps one Adam (beta1 = 0) for the whole run, so every task starts
+    from the estimate the tasks before it left; a fresh optimizer per task instead makes each first
+    step a sign step of size lr for every coordinate. Here every task of a meta-step starts from
+    the same estimate and returns its own, and the next estimate is their mean (averaged like the
+    deltas), so a meta-step's result still does not depend on which worker adapted which task or
+    in what order. Evaluation tasks start from the estimate training left, as in the reference."""
+
+    sq: torch.Tensor  # flat, laid out like theta
+    steps: float = 0.0  # inner steps averaged into it, for Adam's bias correction
+
+    @classmethod
+    def zeros_like(cls, theta: torch.Tensor) -> "InnerMoment":
+        return cls(torch.zeros(theta.numel(), dtype=torch.float32), 0.0)
+
+    def state_dict(self) -> dict:
+        return {"sq": self.sq.detach().cpu().clone(), "steps": float(self.steps)}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "InnerMoment | None":
+        return None if state is None else cls(state["sq"].float(), float(state["steps"]))
+
+
+@dataclass
 class AdaptResult:
     delta: torch.Tensor  # theta_i - theta, flat
     loss: float  # loss on the last inner mini-batch
     accuracy: float  # accuracy on the last inner mini-batch (nan for regression)
+    moment: InnerMoment | None = None  # the estimate this task left, when it started from one
 
 
 class Learner:
@@ -69,10 +96,6 @@ class Learner:
         self.optimizer = optimizer
         self.lr = lr
         self.device = torch.device(device)
-        # Adam's second-moment estimate (a tensor per parameter) each adaptation starts from;
-        # None: zero, i.e. a fresh optimizer. benchmarks/adam_state_probe.py measures what the
-        # reference code's carried-over estimate is worth at test time.
-        self.inner_second_moment: list[torch.Tensor] | None = None
 
     def initial_theta(self) -> torch.Tensor:
         return parameters_to_vector(self.model.parameters()).detach().clone()
@@ -90,27 +113,38 @@ class Learner:
     def theta(self) -> torch.Tensor:
         return parameters_to_vector(self.model.parameters()).detach()
 
-    def _fresh_optimizer(self) -> torch.optim.Optimizer:
+    def _optimizer(self, moment: InnerMoment | None) -> torch.optim.Optimizer:
         opt = inner_optimizer(self.optimizer, self.model.parameters(), self.lr)
-        if self.inner_second_moment is not None and self.optimizer == "adam":
-            for p, v in zip(self.model.parameters(), self.inner_second_moment):
-                # A long-running estimate: step count past where Adam's bias correction matters.
-                opt.state[p] = {"step": torch.tensor(1e6), "exp_avg": torch.zeros_like(p), "exp_avg_sq": v.clone()}
+        if moment is not None and self.optimizer == "adam":
+            sq = moment.sq.to(self.device)
+            offset = 0
+            for p in self.model.parameters():
+                n = p.numel()
+                opt.state[p] = {"step": torch.tensor(float(moment.steps)), "exp_avg": torch.zeros_like(p),
+                                "exp_avg_sq": sq[offset : offset + n].view_as(p).to(p.dtype).clone()}
+                offset += n
         return opt
 
-    def adapt(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int,
-              replacement: bool, rng: np.random.Generator, opt: torch.optim.Optimizer | None = None) -> AdaptResult:
-        """Adapt theta to (x, y) with a fresh inner optimizer; theta itself is not modified.
+    def _moment(self, opt: torch.optim.Optimizer, start: InnerMoment, steps: int) -> InnerMoment:
+        """The estimate `opt` (built by `_optimizer(start)`) holds after `steps` inner steps."""
+        sq = torch.cat([opt.state[p]["exp_avg_sq"].flatten() for p in self.model.parameters()])
+        return InnerMoment(sq.detach().float().cpu(), start.steps + steps)
 
-        The optimizer starts fresh for every task (the reference code carries Adam's moments from
-        task to task, which ties a task's result to the order tasks were adapted in). `opt`: the
-        caller's optimizer over this model's parameters instead, whose state then carries on
-        (benchmarks/adam_state_probe.py uses it to train the reference's way)."""
+    def adapt(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int,
+              replacement: bool, rng: np.random.Generator, opt: torch.optim.Optimizer | None = None,
+              moment: InnerMoment | None = None) -> AdaptResult:
+        """Adapt theta to (x, y); theta itself is not modified.
+
+        `moment`: the carried second-moment estimate the inner Adam starts from (and the result
+        carries the one it ends with); None: a fresh optimizer, zero state. `opt`: the caller's
+        optimizer over this model's parameters instead, whose state then carries on
+        (benchmarks/adam_state_probe.py uses it to train the reference's sequential way)."""
         theta = theta.to(self.device)
         self.load(theta)
         x, y = x.to(self.device), y.to(self.device)
+        carried = opt is None and moment is not None and self.optimizer == "adam"
         if opt is None:
-            opt = self._fresh_optimizer()
+            opt = self._optimizer(moment if carried else None)
         loss = torch.tensor(float("nan"))
         accuracy = float("nan")
         for batch in mini_batches(len(x), batch_size, steps, replacement, rng):
@@ -122,7 +156,8 @@ class Learner:
             opt.step()
             if self.kind == "classification":
                 accuracy = (out.argmax(1) == y[index]).float().mean().item()
-        return AdaptResult(self.theta() - theta, float(loss.item()), accuracy)
+        return AdaptResult(self.theta() - theta, float(loss.item()), accuracy,
+                           self._moment(opt, moment, steps) if carried else None)
 
 
 @dataclass
@@ -133,14 +168,26 @@ class DeltaSum:
     tasks: int
     loss_sum: float
     accuracy_sum: float
+    moment_sum: torch.Tensor | None = None  # sum of the tasks' final second-moment estimates (carried state)
+    moment_steps: float = 0.0  # the inner steps behind each of them (the same for every task of a step)
 
     def __add__(self, other: "DeltaSum") -> "DeltaSum":
+        moment_sum = None
+        if self.moment_sum is not None and other.moment_sum is not None:
+            moment_sum = self.moment_sum + other.moment_sum
         return DeltaSum(self.delta + other.delta, self.tasks + other.tasks,
-                        self.loss_sum + other.loss_sum, self.accuracy_sum + other.accuracy_sum)
+                        self.loss_sum + other.loss_sum, self.accuracy_sum + other.accuracy_sum,
+                        moment_sum, max(self.moment_steps, other.moment_steps))
+
+    def mean_moment(self) -> InnerMoment | None:
+        """The next carried estimate: the mean of the tasks' own."""
+        if self.moment_sum is None or not self.tasks:
+            return None
+        return InnerMoment((self.moment_sum / self.tasks).float(), self.moment_steps)
 
 
 def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, step: int,
-                task_indices: Iterable[int]) -> DeltaSum:
+                task_indices: Iterable[int], moment: InnerMoment | None = None) -> DeltaSum:
     """Adapt theta to tasks (step, i) for i in task_indices and sum their deltas.
 
     Task (step, i) is drawn from a generator seeded by (cfg.seed, step, i), so the sum over a
@@ -148,25 +195,32 @@ def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: 
     float64, where adding a handful of float32 deltas is (nearly always) exact: partial sums
     from several workers then add up to the local trainer's sum bit for bit, which matters
     because Adam with beta1=0 turns a last-bit difference in a near-zero gradient into an
-    lr-sized step."""
+    lr-sized step.
+
+    `moment`: the carried inner second-moment estimate every task starts from (`inner_state:
+    carried`); the tasks' final estimates are summed the same way."""
     if cfg.batched_adaptation:
-        return adapt_tasks_batched(learner, family, theta, cfg, step, task_indices)
+        return adapt_tasks_batched(learner, family, theta, cfg, step, task_indices, moment)
     total = torch.zeros_like(theta, dtype=torch.float64, device=learner.device)
-    tasks, loss_sum, acc_sum = 0, 0.0, 0.0
+    moment_sum = torch.zeros_like(theta, dtype=torch.float64) if moment is not None else None
+    tasks, loss_sum, acc_sum, moment_steps = 0, 0.0, 0.0, 0.0
     for i in task_indices:
         rng = task_rng(cfg.seed, TRAIN_STREAM, step, i)
         task: Task = family.train_task(rng)
         result = learner.adapt(theta, task.support_x, task.support_y, cfg.inner_steps, cfg.inner_batch_size,
-                               cfg.inner_replacement, rng)
+                               cfg.inner_replacement, rng, moment=moment)
         total += result.delta
         tasks += 1
         loss_sum += result.loss
         acc_sum += result.accuracy
-    return DeltaSum(total.cpu(), tasks, loss_sum, acc_sum)
+        if moment_sum is not None and result.moment is not None:
+            moment_sum += result.moment.sq
+            moment_steps = result.moment.steps
+    return DeltaSum(total.cpu(), tasks, loss_sum, acc_sum, moment_sum if tasks else None, moment_steps)
 
 
 def adapt_tasks_batched(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, step: int,
-                        task_indices: Iterable[int]) -> DeltaSum:
+                        task_indices: Iterable[int], moment: InnerMoment | None = None) -> DeltaSum:
     """`adapt_tasks` with the tasks' inner loops run side by side: one inner step of every task
     at once, torch.func.vmap over tasks of grad(functional_call). The same tasks, mini-batches
     and optimizer maths (Adam with beta1=0 written out as torch.optim.Adam computes it), so the
@@ -190,6 +244,7 @@ def adapt_tasks_batched(learner: Learner, family: TaskFamily, theta: torch.Tenso
                                                   cfg.inner_replacement, rng))))
     if not xs:
         return DeltaSum(torch.zeros_like(theta, dtype=torch.float64).cpu(), 0, 0.0, 0.0)
+    carried = moment is not None and learner.optimizer == "adam"
     x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
     index = torch.from_numpy(np.stack(batches)).to(device)  # (tasks, inner_steps, batch)
     rows = torch.arange(len(xs), device=device)[:, None]
@@ -206,7 +261,14 @@ def adapt_tasks_batched(learner: Learner, family: TaskFamily, theta: torch.Tenso
 
     step_grad = vmap(grad_and_value(loss_and_output, has_aux=True))
     beta2, eps = 0.999, 1e-8  # torch.optim.Adam's defaults, as inner_optimizer() uses
-    second = {name: torch.zeros_like(v) for name, v in params.items()}
+    if carried:
+        start = torch.split(moment.sq.to(device), [p.numel() for p in shapes.values()])
+        second = {name: piece.view_as(shapes[name]).expand(len(xs), *shapes[name].shape).clone()
+                  for name, piece in zip(names, start)}
+        t0 = moment.steps
+    else:
+        second = {name: torch.zeros_like(v) for name, v in params.items()}
+        t0 = 0.0
     losses = accuracies = None
     for t in range(index.shape[1]):
         xb, yb = x[rows, index[:, t]], y[rows, index[:, t]]
@@ -215,7 +277,7 @@ def adapt_tasks_batched(learner: Learner, family: TaskFamily, theta: torch.Tenso
             g = grads[name]
             if learner.optimizer == "adam":
                 second[name] = second[name] * beta2 + (1 - beta2) * (g * g)
-                denom = second[name].sqrt() / (1 - beta2 ** (t + 1)) ** 0.5 + eps
+                denom = second[name].sqrt() / (1 - beta2 ** (t0 + t + 1)) ** 0.5 + eps
                 params[name] = params[name] - learner.lr * (g / denom)
             else:
                 params[name] = params[name] - learner.lr * g
@@ -226,7 +288,13 @@ def adapt_tasks_batched(learner: Learner, family: TaskFamily, theta: torch.Tenso
     for delta in adapted - theta:  # in task order, as adapt_tasks adds them
         total += delta
     acc_sum = float(accuracies.sum()) if accuracies is not None else float("nan")
-    return DeltaSum(total.cpu(), len(xs), float(losses.sum()), acc_sum)
+    moment_sum = None
+    if carried:
+        moment_sum = torch.zeros_like(theta, dtype=torch.float64)
+        for sq in torch.cat([second[name].flatten(1) for name in names], dim=1):
+            moment_sum += sq
+        moment_sum = moment_sum.cpu()
+    return DeltaSum(total.cpu(), len(xs), float(losses.sum()), acc_sum, moment_sum, t0 + index.shape[1])
 
 
 class OuterOptimizer:
@@ -235,16 +303,22 @@ class OuterOptimizer:
     sgd:  theta <- theta + eps * mean_delta  (the paper's interpolation, Algorithm 2)
     adam: Adam on the pseudo-gradient g = -mean_delta with learning rate eps."""
 
-    def __init__(self, theta: torch.Tensor, kind: str = "sgd"):
+    def __init__(self, theta: torch.Tensor, kind: str = "sgd", carry_inner_moment: bool = False):
         self.kind = kind
         self.param = torch.nn.Parameter(theta.detach().clone().float(), requires_grad=False)
         self._adam = torch.optim.Adam([self.param], lr=1.0) if kind == "adam" else None
+        # The carried inner second-moment estimate (`inner_state: carried`) lives beside theta, so
+        # it is checkpointed, resumed and handed to workers with it.
+        self.inner_moment = InnerMoment.zeros_like(self.param.data) if carry_inner_moment else None
 
     @property
     def theta(self) -> torch.Tensor:
         return self.param.data
 
-    def apply(self, mean_delta: torch.Tensor, step_size: float) -> torch.Tensor:
+    def apply(self, mean_delta: torch.Tensor, step_size: float, inner_moment: InnerMoment | None = None) -> torch.Tensor:
+        """One meta update; `inner_moment` (carried state) becomes the estimate the next tasks start from."""
+        if inner_moment is not None and self.inner_moment is not None:
+            self.inner_moment = inner_moment
         if self._adam is None:
             self.param.data.add_(mean_delta, alpha=step_size)
         else:
@@ -257,12 +331,16 @@ class OuterOptimizer:
 
     def state_dict(self) -> dict:
         state = {"kind": self.kind, "theta": self.param.data.clone()}
+        if self.inner_moment is not None:
+            state["inner_moment"] = self.inner_moment.state_dict()
         if self._adam is not None:
             state["adam"] = copy.deepcopy(self._adam.state_dict())  # the live one aliases Adam's moment tensors
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.param.data.copy_(state["theta"])
+        if self.inner_moment is not None and state.get("inner_moment") is not None:
+            self.inner_moment = InnerMoment.from_state(state["inner_moment"])
         if self._adam is not None and "adam" in state:
             self._adam.load_state_dict(state["adam"])
 

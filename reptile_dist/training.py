@@ -14,7 +14,7 @@ import torch
 from reptile_dist.config import Config
 from reptile_dist.evaluation import evaluate, headline
 from reptile_dist.models import build_model
-from reptile_dist.reptile import Learner, OuterOptimizer
+from reptile_dist.reptile import InnerMoment, Learner, OuterOptimizer
 from reptile_dist.rundir import RunDir
 from reptile_dist.tasks import TaskFamily, build_family, image_size
 
@@ -44,7 +44,10 @@ def checkpoint_state(cfg: Config, step: int, outer_state: dict[str, Any], **extr
     return {"format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "outer": outer_state, **extra}
 
 
-def final_state(cfg: Config, step: int, learner: Learner, theta: torch.Tensor) -> dict[str, Any]:
+def final_state(cfg: Config, step: int, learner: Learner, theta: torch.Tensor,
+                moment: InnerMoment | None = None) -> dict[str, Any]:
+    """The trained model: weights, config and, with carried inner state, the second-moment estimate
+    adaptations to new tasks start from."""
     learner.load(theta)
     return {
         "format": FINAL_FORMAT,
@@ -53,6 +56,7 @@ def final_state(cfg: Config, step: int, learner: Learner, theta: torch.Tensor) -
         "step": step,
         "split": cfg.split if cfg.family == "omniglot" else cfg.family,
         "family": cfg.family,
+        "inner_moment": moment.state_dict() if moment is not None else None,
     }
 
 
@@ -94,7 +98,7 @@ def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], 
     run = RunDir(out)
     run.start(cfg, resume=resume)
     learner = make_learner(cfg, family)
-    outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer)
+    outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer, cfg.carries_inner_moment)
     start, restored = 0, None
     if resume:
         restored = run.latest_checkpoint(warn=say)
@@ -108,20 +112,22 @@ def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], 
 
 def evaluate_before(s: RunSetup, say: Callable[[str], None] = print) -> dict[str, float]:
     split = periodic_split(s.family)
-    result = evaluate(s.learner, s.family, s.outer.theta, s.cfg, split, s.cfg.eval_tasks_periodic)
+    result = evaluate(s.learner, s.family, s.outer.theta, s.cfg, split, s.cfg.eval_tasks_periodic,
+                      s.outer.inner_moment)
     say(f"before meta-training ({split}): {headline(result, s.family.kind)}")
     return result
 
 
 def finish_run(s: RunSetup, theta: torch.Tensor, step: int, throughput: Throughput, wall_s: float,
                before: dict[str, float] | None, extra: dict[str, Any] | None = None,
-               say: Callable[[str], None] = print, test: dict[str, float] | None = None) -> dict[str, Any]:
+               say: Callable[[str], None] = print, test: dict[str, float] | None = None,
+               moment: InnerMoment | None = None) -> dict[str, Any]:
     """Final evaluation on the test split (unless the engine already ran it, sharded), final.pt,
-    metrics and summary.json."""
-    s.run.write_final(final_state(s.cfg, step, s.learner, theta))
+    metrics and summary.json. `moment`: the carried inner estimate training ended with."""
+    s.run.write_final(final_state(s.cfg, step, s.learner, theta, moment))
     s.run.flush_metrics()
     if test is None:
-        test = evaluate(s.learner, s.family, theta, s.cfg, "test", s.cfg.eval_tasks)
+        test = evaluate(s.learner, s.family, theta, s.cfg, "test", s.cfg.eval_tasks, moment)
     say(f"after meta-training (test): {headline(test, s.family.kind)}")
     summary: dict[str, Any] = {
         "test_accuracy": test.get("accuracy"),

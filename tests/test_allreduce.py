@@ -22,12 +22,16 @@ def _params(out):
 
 
 def test_allreduce_with_two_workers_equals_the_local_trainer(ray_local, tmp_path):
-    cfg = tiny("synthetic", meta_iters=5)
+    # Carried inner state, so the estimates' sums ride the all-reduce too (the other tests here run fresh).
+    cfg = tiny("synthetic", meta_iters=5, inner_state="carried")
     train_local(cfg, str(tmp_path / "local"), **quiet)
     summary = train_ray(cfg.replace(backend="ray", mode="allreduce", workers=2), str(tmp_path / "allreduce"), **quiet)
     local, allreduce = _params(tmp_path / "local"), _params(tmp_path / "allreduce")
     assert not torch.equal(local, _initial(cfg))  # it did train
     assert torch.allclose(local, allreduce, atol=1e-6)
+    a, b = (load_checkpoint(str(tmp_path / run / "final.pt"))["inner_moment"] for run in ("local", "allreduce"))
+    assert a["steps"] == b["steps"] == 5 * cfg.inner_steps
+    assert torch.allclose(a["sq"], b["sq"], rtol=1e-5, atol=1e-12)
     assert summary["mode"] == "allreduce" and summary["workers"] == 2 and summary["worker_devices"] == ["cpu"]
 
 

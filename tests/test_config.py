@@ -13,6 +13,7 @@ def test_omniglot_presets_carry_the_papers_hyperparameters():
     assert (c.ways, c.shots, c.train_shots, c.inner_batch_size, c.inner_steps) == (5, 1, 10, 10, 5)
     assert (c.inner_optimizer, c.inner_lr, c.meta_batch_size, c.meta_iters) == ("adam", 0.001, 5, 100_000)
     assert (c.meta_step_size, c.meta_step_size_final, c.eval_inner_steps, c.eval_batch_size) == (1.0, 0.0, 50, 5)
+    assert c.inner_state == "carried"  # the reference's one long-lived Adam
     c = load_config("omniglot-20w5s")
     assert (c.ways, c.shots, c.inner_batch_size, c.inner_steps, c.inner_lr, c.meta_iters, c.eval_batch_size) == (
         20, 5, 20, 10, 0.0005, 200_000, 10)
@@ -31,6 +32,8 @@ def test_overrides_from_the_command_line_are_typed():
     ({"mode": "turbo"}, "mode"),
     ({"inner_lr": "fast"}, "inner_lr"),
     ({"meta_step_size_final": 2.0}, "meta_step_size_final"),
+    ({"inner_state": "warm"}, "inner_state"),
+    ({"inner_state": "carried", "inner_optimizer": "sgd"}, "inner_state"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):

@@ -16,14 +16,20 @@ def _params(out):
     return torch.cat([v.flatten() for v in state.values()])
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sync_equals_the_local_trainer(ray_local, tmp_path, workers):
-    cfg = tiny("synthetic", meta_iters=5)
-    train_local(cfg, str(tmp_path / "local"), **quiet)
-    train_ray(cfg.replace(backend="ray", mode="sync", workers=workers), str(tmp_path / "ray"), **quiet)
+@pytest.mark.parametrize("workers, inner_state", [(1, "fresh"), (2, "fresh"), (2, "carried")])
+def test_sync_equals_the_local_trainer(ray_local, tmp_path, workers, inner_state):
+    cfg = tiny("synthetic", meta_iters=5, inner_state=inner_state)
+    local_summary = train_local(cfg, str(tmp_path / "local"), **quiet)
+    ray_summary = train_ray(cfg.replace(backend="ray", mode="sync", workers=workers), str(tmp_path / "ray"), **quiet)
     local, ray_ = _params(tmp_path / "local"), _params(tmp_path / "ray")
     assert not torch.equal(local, _initial(cfg))  # it did train
     assert torch.allclose(local, ray_, atol=1e-6)
+    if inner_state == "carried":  # the PS averaged the workers' estimates as the local trainer does
+        a, b = (load_checkpoint(str(tmp_path / run / "final.pt"))["inner_moment"] for run in ("local", "ray"))
+        assert a["steps"] == b["steps"] == 5 * cfg.inner_steps
+        assert torch.allclose(a["sq"], b["sq"], rtol=1e-5, atol=1e-12)
+        # and the final evaluation (sharded over the actors) started from it, as the local one did
+        assert ray_summary["test_loss"] == pytest.approx(local_summary["test_loss"], rel=1e-4)
 
 
 def _initial(cfg):
@@ -66,3 +72,16 @@ def test_a_ray_run_directory_is_complete_and_eval_reads_it(ray_local, tmp_path, 
         assert (out / name).exists(), name
     assert main(["eval", "--checkpoint", str(out / "final.pt"), "--tasks", "5"]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_the_aggregator_rejects_a_push_whose_carried_estimate_is_not_finite():
+    from reptile_dist.engine.aggregation import Aggregator, Push
+
+    cfg = tiny("synthetic", inner_state="carried", meta_batch_size=2).replace(backend="ray", workers=2)
+    agg = Aggregator(cfg, np.zeros(4, dtype=np.float32))
+    agg.push(Push(0, 0, np.ones(4), 1, 0.5, 1.0, np.full(4, 2.0), 5.0))
+    bad = np.array([1.0, np.nan, 1.0, 1.0])
+    row = agg.push(Push(1, 0, np.ones(4), 1, 0.5, 1.0, bad, 5.0))
+    assert agg.counters.rejected_nonfinite == 1 and row["tasks"] == 1
+    sq, steps = agg.moment  # the finite push alone made the new estimate
+    assert np.array_equal(sq, np.full(4, 2.0, dtype=np.float32)) and steps == 5.0

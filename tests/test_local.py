@@ -47,17 +47,41 @@ def test_a_folder_holding_a_different_run_is_refused(tmp_path):
     assert (tmp_path / "run" / "final.pt").exists()  # nothing already written was lost
 
 
-def test_resume_continues_to_the_same_result(tmp_path):
-    full = tiny("synthetic", meta_iters=6, checkpoint_every=3)
+@pytest.mark.parametrize("inner_state", ["fresh", "carried"])
+def test_resume_continues_to_the_same_result(tmp_path, inner_state):
+    full = tiny("synthetic", meta_iters=6, checkpoint_every=3, inner_state=inner_state)
     train_local(full, str(tmp_path / "a"), **quiet)
     train_local(full, str(tmp_path / "b"), **quiet)
     # cut run b back to its step-3 checkpoint, then resume it
     (tmp_path / "b" / "checkpoints" / "ckpt-00000006.pt").unlink()
     (tmp_path / "b" / "final.pt").unlink()
     train_local(full, str(tmp_path / "b"), resume=True, **quiet)
-    a = load_checkpoint(str(tmp_path / "a" / "final.pt"))["model_state"]
-    b = load_checkpoint(str(tmp_path / "b" / "final.pt"))["model_state"]
-    assert all(torch.allclose(a[k], b[k]) for k in a)
+    a, b = load_checkpoint(str(tmp_path / "a" / "final.pt")), load_checkpoint(str(tmp_path / "b" / "final.pt"))
+    assert all(torch.allclose(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    if inner_state == "carried":  # the estimate was checkpointed and restored with theta
+        assert a["inner_moment"]["steps"] == b["inner_moment"]["steps"] == 6 * full.inner_steps
+        assert torch.allclose(a["inner_moment"]["sq"], b["inner_moment"]["sq"])
+    else:
+        assert a["inner_moment"] is None
+
+
+def test_eval_of_a_carried_run_starts_from_its_saved_estimate(tmp_path, capsys):
+    """`eval` of final.pt reproduces the run's own final evaluation, which started every test task
+    from the estimate training left; starting them fresh instead scores differently."""
+    import json
+
+    from reptile_dist.cli import main
+
+    out = tmp_path / "run"
+    cfg = tiny("synthetic", meta_iters=8, inner_state="carried")
+    summary = train_local(cfg, str(out), **quiet)
+    assert main(["eval", "--checkpoint", str(out / "final.pt"), "--tasks", str(cfg.eval_tasks)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["loss"] == pytest.approx(summary["test_loss"], rel=1e-9)
+    assert main(["eval", "--checkpoint", str(out / "final.pt"), "--tasks", str(cfg.eval_tasks),
+                 "--set", "inner_state=fresh"]) == 0
+    fresh = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fresh["loss"] != pytest.approx(summary["test_loss"], rel=1e-6)
 
 
 def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path):

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from reptile_dist.config import Config
-from reptile_dist.reptile import Learner, OuterOptimizer, adapt_tasks, mini_batches
-from reptile_dist.tasks.base import Task
+from reptile_dist.reptile import InnerMoment, Learner, OuterOptimizer, adapt_tasks, mini_batches
+from reptile_dist.tasks.base import TRAIN_STREAM, Task, task_rng
 
 
 class Point(nn.Module):
@@ -103,3 +103,71 @@ def test_task_seeding_is_independent_of_order():
     backward = [fam.train_task(task_rng(0, TRAIN_STREAM, 7, i)).support_y for i in reversed(range(3))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(forward, backward))
     assert not torch.equal(forward[0], forward[1])
+
+
+def test_carried_moment_with_one_task_per_step_is_one_adam_through_every_task():
+    """meta_batch_size 1 and step size 1: theta becomes theta_i and the carried estimate the task's own,
+    so training is one Adam (beta1 = 0) run through every task's mini-batches in order: the
+    reference's long-lived optimizer, bias correction included."""
+    d, lr, k, steps = 3, 0.05, 4, 6
+    cfg = Config(family="sine", inner_optimizer="adam", inner_state="carried", inner_lr=lr, inner_steps=k,
+                 inner_batch_size=2, meta_batch_size=1, meta_step_size=1.0, meta_step_size_final=1.0, seed=5)
+    family = QuadraticTasks(d)
+    learner = Learner(Point(d), "regression", "adam", lr)
+    outer = OuterOptimizer(torch.zeros(d), "sgd", carry_inner_moment=True)
+    for step in range(steps):
+        result = adapt_tasks(learner, family, outer.theta, cfg, step, [0], outer.inner_moment)
+        outer.apply((result.delta / result.tasks).float(), 1.0, result.mean_moment())
+
+    point = Point(d)
+    opt = torch.optim.Adam(point.parameters(), lr=lr, betas=(0.0, 0.999))
+    for step in range(steps):
+        rng = task_rng(cfg.seed, TRAIN_STREAM, step, 0)
+        task = family.train_task(rng)
+        for batch in mini_batches(len(task.support_x), 2, k, False, rng):
+            loss = nn.functional.mse_loss(point(task.support_x[batch]), task.support_y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert torch.allclose(outer.theta, point.theta.detach(), atol=1e-6)
+    assert outer.inner_moment.steps == steps * k
+    assert torch.allclose(outer.inner_moment.sq, opt.state[point.theta]["exp_avg_sq"], rtol=1e-5)
+
+    fresh = OuterOptimizer(torch.zeros(d), "sgd")
+    for step in range(steps):
+        result = adapt_tasks(learner, family, fresh.theta, cfg, step, [0])
+        fresh.apply((result.delta / result.tasks).float(), 1.0)
+    assert not torch.allclose(fresh.theta, outer.theta, atol=1e-3)  # carrying the estimate changes training
+
+
+def test_carried_moment_is_the_tasks_mean_whichever_split_of_the_tasks_adapts_it():
+    from conftest import tiny
+    from reptile_dist.tasks import build_family
+    from reptile_dist.training import make_learner
+
+    cfg = tiny("synthetic", inner_state="carried")
+    family = build_family(cfg)
+    learner = make_learner(cfg, family)
+    theta = learner.initial_theta()
+    start = InnerMoment(torch.rand(theta.numel(), generator=torch.Generator().manual_seed(0)) * 1e-4, 500.0)
+    whole = adapt_tasks(learner, family, theta, cfg, 2, range(5), start)
+    parts = adapt_tasks(learner, family, theta, cfg, 2, [0, 2, 4], start) + adapt_tasks(learner, family, theta, cfg, 2, [1, 3], start)
+    assert torch.allclose(whole.delta, parts.delta, rtol=0, atol=1e-12)
+    mean, split_mean = whole.mean_moment(), parts.mean_moment()
+    assert mean.steps == split_mean.steps == 500 + cfg.inner_steps
+    assert torch.allclose(mean.sq, split_mean.sq, rtol=1e-6, atol=0)
+    assert not torch.allclose(mean.sq, start.sq)  # the tasks' gradients moved it
+    # A zero estimate that has seen no steps is a fresh optimizer; a warm one changes the deltas.
+    fresh = adapt_tasks(learner, family, theta, cfg, 2, range(5))
+    zero = adapt_tasks(learner, family, theta, cfg, 2, range(5), InnerMoment.zeros_like(theta))
+    assert torch.equal(fresh.delta, zero.delta)
+    assert not torch.allclose(whole.delta, fresh.delta, atol=1e-5)
+
+
+def test_outer_state_round_trips_the_carried_moment():
+    outer = OuterOptimizer(torch.zeros(3), "sgd", carry_inner_moment=True)
+    outer.apply(torch.ones(3), 0.5, InnerMoment(torch.tensor([1.0, 2.0, 3.0]), 15.0))
+    other = OuterOptimizer(torch.zeros(3), "sgd", carry_inner_moment=True)
+    other.load_state_dict(outer.state_dict())
+    assert torch.equal(other.theta, torch.full((3,), 0.5))
+    assert torch.equal(other.inner_moment.sq, torch.tensor([1.0, 2.0, 3.0])) and other.inner_moment.steps == 15.0

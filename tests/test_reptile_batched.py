@@ -36,3 +36,19 @@ def test_batched_adaptation_of_no_tasks_is_an_empty_sum():
     learner = make_learner(cfg, family)
     result = adapt_tasks_batched(learner, family, learner.initial_theta(), cfg, step=0, task_indices=[])
     assert result.tasks == 0 and not result.delta.any()
+
+
+def test_batched_adaptation_carries_the_moment_as_the_loop_does():
+    from reptile_dist.reptile import InnerMoment
+
+    cfg = tiny("sine", inner_optimizer="adam", inner_lr=0.01, inner_state="carried")
+    family = build_family(cfg)
+    learner = make_learner(cfg, family)
+    theta = learner.initial_theta()
+    start = InnerMoment(torch.rand(theta.numel(), generator=torch.Generator().manual_seed(1)) * 1e-2, 40.0)
+    loop = adapt_tasks(learner, family, theta, cfg, step=3, task_indices=range(5), moment=start)
+    batched = adapt_tasks(learner, family, theta, cfg.replace(batched_adaptation=True), step=3,
+                          task_indices=range(5), moment=start)
+    assert torch.allclose(batched.delta, loop.delta, atol=1e-6), (batched.delta - loop.delta).abs().max()
+    assert batched.mean_moment().steps == loop.mean_moment().steps == 40 + cfg.inner_steps
+    assert torch.allclose(batched.mean_moment().sq, loop.mean_moment().sq, rtol=1e-5, atol=1e-12)

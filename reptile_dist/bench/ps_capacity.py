@@ -37,7 +37,7 @@ class Pusher:
             got = ray.get(ps.pull.remote(-1, ack))
             if got is None:
                 return count
-            theta = ray.get(got[0])
+            theta, _ = ray.get(got[0])  # (theta, carried inner estimate)
             sent_wall, sent = time.time(), time.perf_counter()
             ack = ps.push.remote(self.index, got[1], self.delta, 1, 0.0, 0.0)
             ack.future().add_done_callback(

@@ -44,11 +44,12 @@ def measure_local(cfg: Config, family: TaskFamily, seconds: float, warmup: float
     torch.set_num_threads(cfg.torch_threads or max(1, math.ceil(cfg.cpus_per_worker)))
     try:
         learner = make_learner(cfg, family)
-        outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer)
+        outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer, cfg.carries_inner_moment)
 
         def meta_step(step: int) -> None:
-            result = adapt_tasks(learner, family, outer.theta, cfg, step, range(cfg.meta_batch_size))
-            outer.apply((result.delta / result.tasks).float(), cfg.meta_step_size_at(step))
+            result = adapt_tasks(learner, family, outer.theta, cfg, step, range(cfg.meta_batch_size),
+                                 outer.inner_moment)
+            outer.apply((result.delta / result.tasks).float(), cfg.meta_step_size_at(step), result.mean_moment())
 
         step, warm_until = 0, time.perf_counter() + warmup
         while step == 0 or time.perf_counter() < warm_until:  # the first step pays torch's lazy imports

@@ -15,7 +15,7 @@ import torch
 
 from reptile_dist.config import Config
 from reptile_dist.evaluation import TaskScores, score_tasks, summarize
-from reptile_dist.reptile import adapt_tasks
+from reptile_dist.reptile import InnerMoment, adapt_tasks
 from reptile_dist.tasks import build_family
 from reptile_dist.training import make_learner
 from reptile_dist.engine.wire import encode
@@ -33,11 +33,11 @@ class Workspace:
         self.family = build_family(self.cfg)
         self.learner = make_learner(self.cfg, self.family, self.device)
 
-    def score(self, theta: np.ndarray, split: str, start: int, stop: int) -> TaskScores:
-        return score_tasks(self.learner, self.family, torch.tensor(theta), self.cfg, split, range(start, stop))
+    def score(self, theta: np.ndarray, split: str, start: int, stop: int, moment: InnerMoment | None = None) -> TaskScores:
+        return score_tasks(self.learner, self.family, torch.tensor(theta), self.cfg, split, range(start, stop), moment)
 
-    def evaluate(self, theta: np.ndarray, split: str, tasks: int) -> dict[str, float]:
-        return summarize(self.score(theta, split, 0, tasks))
+    def evaluate(self, theta: np.ndarray, split: str, tasks: int, moment: InnerMoment | None = None) -> dict[str, float]:
+        return summarize(self.score(theta, split, 0, tasks, moment))
 
     def where(self) -> dict[str, Any]:
         return {"node_id": ray.get_runtime_context().get_node_id(), "device": self.device}
@@ -80,8 +80,9 @@ class AdaptWorker(Workspace):
             if got is None:
                 break
             theta_ref, version = got
-            pulled = ray.get(theta_ref)
+            pulled, carried = ray.get(theta_ref)
             theta = torch.tensor(pulled)  # object-store arrays are read-only: copy
+            moment = None if carried is None else InnerMoment(torch.tensor(carried[0]), carried[1])
             share = self.shares(version)
             if not share:
                 continue
@@ -89,7 +90,7 @@ class AdaptWorker(Workspace):
                 if loop != self._loop:
                     break
                 t0 = time.perf_counter()
-                result = adapt_tasks(self.learner, self.family, theta, cfg, version, share)
+                result = adapt_tasks(self.learner, self.family, theta, cfg, version, share, moment)
                 adapt_s = time.perf_counter() - t0
                 busy += adapt_s
             time.sleep(cfg.straggler_delay(self.index, adapt_s))
@@ -103,8 +104,11 @@ class AdaptWorker(Workspace):
             # the push (a large delta may still be in transfer when a bare pull would run), and in
             # sync mode it waits for the barrier anyway; waiting here would add a round trip.
             sent_wall, sent = time.time(), time.perf_counter()
-            ack = ps.push.remote(self.index, version, delta, result.tasks, result.loss_sum, result.accuracy_sum)
-            self._log_push(ack, sent_wall, sent, 0 if delta is None else delta.nbytes, pulled.nbytes)
+            moment_sum = None if result.moment_sum is None else result.moment_sum.numpy()
+            ack = ps.push.remote(self.index, version, delta, result.tasks, result.loss_sum, result.accuracy_sum,
+                                 moment_sum, result.moment_steps)
+            pushed_bytes = (0 if delta is None else delta.nbytes) + (0 if moment_sum is None else moment_sum.nbytes)
+            self._log_push(ack, sent_wall, sent, pushed_bytes, pulled.nbytes + (0 if carried is None else carried[0].nbytes))
             adapted += result.tasks
         latencies = [entry[1] for entry in self._pushes]
         return {"worker": self.index, "tasks": adapted, "busy_s": busy,
@@ -118,7 +122,8 @@ class AdaptWorker(Workspace):
             lambda _: self._pushes.append((sent_wall, time.perf_counter() - sent, pushed_bytes, pulled_bytes)))
 
     def push_log(self) -> list[tuple[float, float, int, int]]:
-        """(wall time sent, latency s, delta bytes pushed, theta bytes pulled) of the newest pushes."""
+        """(wall time sent, latency s, bytes pushed, bytes pulled) of the newest pushes (delta and theta, and
+        the carried inner estimate with them when there is one)."""
         return list(self._pushes)
 
     def poison_next_push(self) -> None:

@@ -9,7 +9,9 @@ async: a delta is applied on arrival. Its staleness s = current version - versio
        (inverse) and scaled by tasks/meta_batch_size, so a meta-batch's worth of fresh pushes
        moves theta as far as one synchronous meta-step. eps follows applied tasks, not wall time.
 Either way a delta holding NaN or Inf never touches theta: it is rejected, counted, and its
-sender named.
+sender named. With `inner_state: carried` a push also carries the sum of its tasks' final inner
+second-moment estimates: sync mode makes their mean over the step the next estimate (as the local
+trainer does), async mode takes the mean of each applied push.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from reptile_dist.config import Config
-from reptile_dist.reptile import OuterOptimizer
+from reptile_dist.reptile import InnerMoment, OuterOptimizer
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Push:
     tasks: int
     loss_sum: float
     accuracy_sum: float
+    moment: np.ndarray | None = None  # sum over the tasks of their final inner second-moment estimates
+    moment_steps: float = 0.0
 
 
 @dataclass
@@ -56,7 +60,8 @@ class Aggregator:
     def __init__(self, cfg: Config, theta: np.ndarray, outer_state: dict | None = None, version: int = 0,
                  applied_tasks: int = 0):
         self.cfg = cfg
-        self.outer = OuterOptimizer(torch.from_numpy(np.array(theta, dtype=np.float32)), cfg.outer_optimizer)
+        self.outer = OuterOptimizer(torch.from_numpy(np.array(theta, dtype=np.float32)), cfg.outer_optimizer,
+                                    cfg.carries_inner_moment)
         if outer_state is not None:
             self.outer.load_state_dict(outer_state)
         self.version = version
@@ -71,6 +76,18 @@ class Aggregator:
         return self.outer.theta.numpy()
 
     @property
+    def moment(self) -> tuple[np.ndarray, float] | None:
+        """The carried inner estimate (flat float32, inner steps behind it), or None."""
+        m = self.outer.inner_moment
+        return None if m is None else (m.sq.numpy(), m.steps)
+
+    def _mean_moment(self, pushes: list[Push], tasks: int) -> InnerMoment | None:
+        if self.outer.inner_moment is None or any(p.moment is None for p in pushes) or not tasks:
+            return None
+        total = np.sum([p.moment for p in pushes], axis=0, dtype=np.float64)
+        return InnerMoment(torch.from_numpy((total / tasks).astype(np.float32)), max(p.moment_steps for p in pushes))
+
+    @property
     def progress(self) -> float:
         """Meta-steps done: the version in sync mode, applied tasks / meta_batch_size in async."""
         if self.cfg.mode == "async":
@@ -82,7 +99,8 @@ class Aggregator:
         return self.progress >= self.cfg.meta_iters
 
     def _finite(self, push: Push) -> bool:
-        if push.delta is not None and np.isfinite(push.delta).all() and np.isfinite(push.loss_sum):
+        if (push.delta is not None and np.isfinite(push.delta).all() and np.isfinite(push.loss_sum)
+                and (push.moment is None or np.isfinite(push.moment).all())):
             return True
         self.counters.rejected_nonfinite += 1
         self.counters.rejected_by_worker[push.worker] += 1
@@ -116,7 +134,8 @@ class Aggregator:
         row = {"step": self.version + 1, "meta_step_size": step_size, "tasks": tasks}
         if tasks:
             total = np.sum([p.delta for p in arrived], axis=0, dtype=np.float64)
-            self.outer.apply(torch.from_numpy((total / tasks).astype(np.float32)), step_size)
+            self.outer.apply(torch.from_numpy((total / tasks).astype(np.float32)), step_size,
+                             self._mean_moment(arrived, tasks))
             self.counters.applied_tasks += tasks
             self.counters.staleness[0] += len(arrived)
             self.counters.rejected_in_a_row = 0
@@ -138,7 +157,8 @@ class Aggregator:
         weight = 1.0 if self.cfg.staleness_weighting == "none" else 1.0 / (1.0 + staleness)
         step_size = self.cfg.meta_step_size_at(self.progress)
         # eps * w(s) * sum/meta_batch_size == eps * w(s) * (tasks/meta_batch_size) * mean
-        self.outer.apply(torch.from_numpy((p.delta / self.cfg.meta_batch_size).astype(np.float32)), step_size * weight)
+        self.outer.apply(torch.from_numpy((p.delta / self.cfg.meta_batch_size).astype(np.float32)), step_size * weight,
+                         self._mean_moment([p], p.tasks))
         self.counters.applied_tasks += p.tasks
         self.counters.staleness[staleness] += 1
         self.counters.rejected_in_a_row = 0

@@ -2,7 +2,8 @@
 
     every worker:  theta (the same on all)
                    -> adapt tasks i = rank (mod W) of meta-step t        (reptile.adapt_tasks)
-                   -> [sum of deltas (float64), tasks, loss, accuracy] --all_reduce(sum)-->
+                   -> [sum of deltas (float64), (sum of carried inner estimates), tasks, loss,
+                       accuracy] --all_reduce(sum)-->
                    -> theta <- outer update with eps(t)                  (reptile.OuterOptimizer)
     rank 0:        metric rows and checkpoints in the run directory, and a Ray Train checkpoint
                    that a restarted worker group resumes from (FailureConfig)
@@ -35,7 +36,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from reptile_dist.config import Config, ConfigError
 from reptile_dist.engine.cluster import ray_cluster, worker_resources
 from reptile_dist.evaluation import TaskScores, headline, score_tasks, summarize
-from reptile_dist.reptile import DeltaSum, OuterOptimizer, adapt_tasks
+from reptile_dist.reptile import DeltaSum, InnerMoment, OuterOptimizer, adapt_tasks
 from reptile_dist.rundir import RunDir, load_torch_bytes
 from reptile_dist.tasks import build_family
 from reptile_dist.training import RunSetup, Throughput, checkpoint_state, finish_run, make_learner, periodic_split, setup_run
@@ -75,7 +76,7 @@ def train_allreduce(cfg: Config, out: str, address: str | None = None, resume: b
         throughput = Throughput(tasks=done["tasks"], seconds=done["train_s"])
         theta = torch.tensor(done["theta"])  # return values are read-only arrays
         return finish_run(s, theta, cfg.meta_iters, throughput, time.perf_counter() - started, before, extra, say,
-                          done["test"])
+                          done["test"], _moment(done["moment"]))
 
 
 def make_trainer(cfg: Config, s: RunSetup, storage: str, progress: bool,
@@ -119,7 +120,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     family = build_family(cfg)
     learner = make_learner(cfg, family, device)
-    outer = OuterOptimizer(learner.initial_theta().cpu(), cfg.outer_optimizer)
+    outer = OuterOptimizer(learner.initial_theta().cpu(), cfg.outer_optimizer, cfg.carries_inner_moment)
 
     state: dict[str, Any] = {"outer": config["outer"], "step": config["start_step"]}
     restored_from = None
@@ -142,7 +143,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
 
     def evaluate_sharded(split: str, tasks: int) -> dict[str, float]:
         bounds = np.linspace(0, tasks, world + 1).astype(int)
-        part = score_tasks(learner, family, outer.theta, cfg, split, range(bounds[rank], bounds[rank + 1]))
+        part = score_tasks(learner, family, outer.theta, cfg, split, range(bounds[rank], bounds[rank + 1]),
+                           outer.inner_moment)
         parts: list[TaskScores | None] = [None] * world
         dist.all_gather_object(parts, part)
         total = TaskScores([], [], [])
@@ -163,17 +165,19 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     for step in range(start, cfg.meta_iters):
         throughput.resume()
         adapt_started = time.perf_counter()
-        part = adapt_tasks(learner, family, outer.theta, cfg, step, share)
+        moment = outer.inner_moment
+        part = adapt_tasks(learner, family, outer.theta, cfg, step, share, moment)
         time.sleep(cfg.straggler_delay(rank, time.perf_counter() - adapt_started))
         t0 = time.perf_counter()
         # Rank 0 keeps the clock (the bench measures from its timeline); every rank takes part in the vote.
         out_of_time = (rank == 0 and stop_after_s is not None and bool(timeline)
                        and t0 - started >= timeline[0][0] + stop_after_s)
-        total, stop = all_reduce_sum(part, comm_device, out_of_time)
+        total, stop = all_reduce_sum(part, comm_device, out_of_time,
+                                     None if moment is None else moment.steps + cfg.inner_steps)
         t1 = time.perf_counter()
         allreduce_s += t1 - t0
         step_size = cfg.meta_step_size_at(step)
-        outer.apply((total.delta / total.tasks).float(), step_size)
+        outer.apply((total.delta / total.tasks).float(), step_size, total.mean_moment())
         throughput.pause(total.tasks)
         done = step + 1
         row = None
@@ -205,22 +209,39 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     test = evaluate_sharded("test", cfg.eval_tasks)
     if rank != 0:
         return None
-    return {"theta": outer.theta.clone().numpy(), "test": test, "before": before, "tasks": throughput.tasks,
+    # Ray Train refuses torch tensors in return values: the estimate travels as numpy.
+    moment = None if outer.inner_moment is None else {"sq": outer.inner_moment.sq.numpy().copy(),
+                                                      "steps": outer.inner_moment.steps}
+    return {"theta": outer.theta.clone().numpy(), "moment": moment, "test": test, "before": before, "tasks": throughput.tasks,
             "train_s": throughput.seconds, "allreduce_s": allreduce_s, "restored_from_step": restored_from,
             "placements": placements, "timeline": timeline}
 
 
-def all_reduce_sum(part: DeltaSum, device: torch.device, stop: bool = False) -> tuple[DeltaSum, bool]:
+def all_reduce_sum(part: DeltaSum, device: torch.device, stop: bool = False,
+                   moment_steps: float | None = None) -> tuple[DeltaSum, bool]:
     """Sum the workers' partial DeltaSums in one all_reduce (float64, so the sum is the local trainer's).
 
     `stop` rides along as a vote: true on any rank comes back true on every rank, so a group that
-    stops on a clock leaves the loop at the same meta-step everywhere (else the next all_reduce hangs)."""
+    stops on a clock leaves the loop at the same meta-step everywhere (else the next all_reduce hangs).
+    `moment_steps` (carried inner state): the sums of the tasks' second-moment estimates ride along
+    too (zeros from a rank without tasks, so every rank's buffer has the same length)."""
+    n = part.delta.numel()
+    pieces = [part.delta.to(torch.float64)]
+    if moment_steps is not None:
+        pieces.append(part.moment_sum.to(torch.float64) if part.moment_sum is not None
+                      else torch.zeros(n, dtype=torch.float64))
     counts = torch.tensor([part.tasks, part.loss_sum, part.accuracy_sum, float(stop)], dtype=torch.float64)
-    buffer = torch.cat([part.delta.to(torch.float64), counts]).to(device)
+    buffer = torch.cat(pieces + [counts]).to(device)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     buffer = buffer.cpu()
-    total = DeltaSum(buffer[:-4], int(buffer[-4].item()), float(buffer[-3].item()), float(buffer[-2].item()))
+    moment_sum = buffer[n : 2 * n] if moment_steps is not None else None
+    total = DeltaSum(buffer[:n], int(buffer[-4].item()), float(buffer[-3].item()), float(buffer[-2].item()),
+                     moment_sum, moment_steps or 0.0)
     return total, buffer[-1].item() > 0
+
+
+def _moment(state: dict | None) -> InnerMoment | None:
+    return None if state is None else InnerMoment(torch.tensor(state["sq"]), float(state["steps"]))
 
 
 def report(run: RunDir | None, metrics: dict[str, Any], state: dict[str, Any] | None, to_run_dir: bool,

@@ -25,6 +25,7 @@ from reptile_dist.engine.adapt_worker import AdaptWorker, Workspace
 from reptile_dist.engine.cluster import ClusterError, engine_bundles, ray_cluster
 from reptile_dist.engine.parameter_server import ParameterServer
 from reptile_dist.evaluation import TaskScores, headline, summarize
+from reptile_dist.reptile import InnerMoment
 from reptile_dist.training import RunSetup, Throughput, checkpoint_state, finish_run, periodic_split, setup_run
 
 TICK_S = 0.2
@@ -133,7 +134,8 @@ class EngineRun:
                 before = ray.get(before_ref)
                 self.say(f"before meta-training ({periodic_split(s.family)}): {headline(before, s.family.kind)}")
             theta = torch.from_numpy(np.array(state["theta"]))
-            test = self.sharded_eval(state["theta"], "test", cfg.eval_tasks)
+            moment = InnerMoment.from_state(state["outer"].get("inner_moment"))
+            test = self.sharded_eval(state["theta"], "test", cfg.eval_tasks, moment)
             extra = {"ps_busy_fraction": info["busy_fraction"], "dropped_stale": info["counters"]["dropped_stale"],
                      "rejected_nonfinite": info["counters"]["rejected_nonfinite"],
                      "rejected_by_worker": info["counters"]["rejected_by_worker"],
@@ -143,7 +145,8 @@ class EngineRun:
                      "worker_nodes": sorted({p["node_id"] for p in self.placements}),
                      "worker_devices": sorted({p["device"] for p in self.placements})}
             step = cfg.meta_iters
-            return finish_run(s, theta, step, throughput, time.perf_counter() - started, before, extra, self.say, test)
+            return finish_run(s, theta, step, throughput, time.perf_counter() - started, before, extra, self.say, test,
+                              moment)
         finally:
             s.run.flush_metrics()
             self.shutdown(own_pg)
@@ -248,7 +251,8 @@ class EngineRun:
                                                                      applied_tasks=state["applied_tasks"]),
                                       self.cfg.keep_checkpoints)
             else:
-                ref = self.evaluator.evaluate.remote(snap["theta"], periodic_split(s.family), self.cfg.eval_tasks_periodic)
+                ref = self.evaluator.evaluate.remote(snap["theta"], periodic_split(s.family), self.cfg.eval_tasks_periodic,
+                                                     snap.get("moment"))
                 self.pending_evals[ref] = snap["step"]
         self.collect_evals(wait=False)
 
@@ -296,12 +300,12 @@ class EngineRun:
             if self.on_log is not None:  # evaluations finish after their step was logged (Tune reports them)
                 self.on_log({"step": step, **result})
 
-    def sharded_eval(self, theta: np.ndarray, split: str, tasks: int) -> dict[str, float]:
+    def sharded_eval(self, theta: np.ndarray, split: str, tasks: int, moment: InnerMoment | None = None) -> dict[str, float]:
         """The final evaluation split across the workers and the evaluator (they are idle now)."""
         actors = self.workers + [self.evaluator]
         bounds = np.linspace(0, tasks, len(actors) + 1).astype(int)
         theta_ref = ray.put(theta)
-        parts = ray.get([a.score.remote(theta_ref, split, int(lo), int(hi))
+        parts = ray.get([a.score.remote(theta_ref, split, int(lo), int(hi), moment)
                          for a, lo, hi in zip(actors, bounds[:-1], bounds[1:]) if hi > lo])
         total = TaskScores([], [], [])
         for part in parts:

@@ -39,14 +39,16 @@ class ParameterServer:
         return self._changed
 
     def _current_ref(self):
-        # One object-store copy of theta per version, shared by every worker that pulls it.
+        # One object-store copy of theta (and the carried inner estimate) per version, shared by
+        # every worker that pulls it.
         if self._ref_version != self.agg.version:
-            self._theta_ref = ray.put(self.agg.theta.copy())
+            moment = self.agg.moment
+            self._theta_ref = ray.put((self.agg.theta.copy(), None if moment is None else (moment[0].copy(), moment[1])))
             self._ref_version = self.agg.version
         return self._theta_ref
 
     async def pull(self, after_version: int = -1, after_push: Any = None):
-        """[theta ref, version] once the version is past `after_version`; None when the run is over.
+        """[ref to (theta, carried inner estimate or None), version] once the version is past `after_version`; None when the run is over.
         `after_push`: the caller's previous push, whose result Ray waits for before running this."""
         async with self.changed:
             await self.changed.wait_for(lambda: self.agg.version > after_version or self.agg.done or self.stopped)
@@ -55,12 +57,13 @@ class ParameterServer:
         return [self._current_ref(), self.agg.version]
 
     async def push(self, worker: int, version: int, delta: np.ndarray, tasks: int, loss_sum: float,
-                   accuracy_sum: float) -> None:
+                   accuracy_sum: float, moment: np.ndarray | None = None, moment_steps: float = 0.0) -> None:
         t0 = time.perf_counter()
         if self.agg.done or self.stopped:
             return
         payload = None if delta is None else decode(delta, self.cfg.delta_dtype)
-        row = self.agg.push(Push(worker, version, payload, tasks, loss_sum, accuracy_sum))
+        moment = None if moment is None else moment.astype(np.float64, copy=False)
+        row = self.agg.push(Push(worker, version, payload, tasks, loss_sum, accuracy_sum, moment, moment_steps))
         if row is not None:
             self._after_update(row)
         self.busy_s += time.perf_counter() - t0
@@ -88,7 +91,8 @@ class ParameterServer:
         if (cfg.checkpoint_every and any(s % cfg.checkpoint_every == 0 for s in range(before + 1, now + 1))) or self.agg.done:
             self.snapshots.append({"kind": "checkpoint", "step": step, "state": self.agg.state()})
         if cfg.eval_every and any(s % cfg.eval_every == 0 for s in range(before + 1, now + 1)):
-            self.snapshots.append({"kind": "eval", "step": step, "theta": self.agg.theta.copy()})
+            self.snapshots.append({"kind": "eval", "step": step, "theta": self.agg.theta.copy(),
+                                   "moment": self.agg.outer.inner_moment})
 
     def drain(self) -> dict[str, Any]:
         """Everything new since the last drain, for the driver to log and save."""
