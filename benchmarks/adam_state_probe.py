@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from reptile_dist.adapt import load_pretrained
+from reptile_dist.config import parse_overrides
 from reptile_dist.evaluation import evaluate, headline
 from reptile_dist.reptile import InnerMoment, OuterOptimizer, adapt_tasks, inner_optimizer
 from reptile_dist.tasks import build_family
@@ -83,19 +84,21 @@ def main() -> None:
     parser.add_argument("--data", help="prepared image table (default: the checkpoint config's)")
     parser.add_argument("--train", type=int, default=0, metavar="N", help="meta-train N steps each variant instead")
     parser.add_argument("--variants", default="fresh,sequential,averaged", help="with --train: which inner states")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --train: config overrides (e.g. init=glorot)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_pretrained(args.checkpoint)
     cfg = model.cfg.replace(data=args.data) if args.data else model.cfg
     family = build_family(cfg)
     if args.train:
-        cfg = cfg.replace(meta_iters=args.train)
+        cfg = cfg.replace(meta_iters=args.train, **parse_overrides(args.overrides))
         results = {}
         for name in args.variants.split(","):
             learner, theta, moment = meta_train(cfg, family, name)
             results[name] = evaluate(learner, family, theta, cfg, "test", args.tasks, moment)
             print(f"meta-trained {args.train} steps, {name} Adam state: {headline(results[name], family.kind)}", flush=True)
-        print(json.dumps({"preset_of": args.checkpoint, "train_steps": args.train, **results}))
+        print(json.dumps({"preset_of": args.checkpoint, "train_steps": args.train, "overrides": args.overrides, **results}))
         return
     learner, theta = model.learner, model.theta
     fresh = evaluate(learner, family, theta, cfg, "test", args.tasks)

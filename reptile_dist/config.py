@@ -33,6 +33,8 @@ class Config:
                       choices=("paper", "alphabet"))
     val_characters: int = knob(0, "training characters held out as a validation split (for tuning)", lo=0)
     model: str = knob("sine_mlp", "network", choices=("sine_mlp", "omniglot_conv", "miniimagenet_conv"))
+    init: str = knob("torch", "initial weights: PyTorch's layer defaults, or glorot (TensorFlow's, as the "
+                              "reference code had)", choices=("torch", "glorot"))
     ways: int = knob(5, "classes per task (N-way)", lo=1)
     shots: int = knob(1, "support examples per class at evaluation (K-shot)", lo=1)
     train_shots: int = knob(10, "examples per class in a meta-training task", lo=1)

@@ -62,11 +62,25 @@ class SineMLP(nn.Module):
         return self.net(x)
 
 
-def build_model(name: str, ways: int, image_size: int = 28) -> nn.Module:
+def glorot_init(model: nn.Module) -> nn.Module:
+    """TensorFlow's layer defaults, which the reference code (tf.layers) used: Glorot-uniform
+    weights and zero biases for conv and dense layers. PyTorch's defaults draw both from
+    U(+-1/sqrt(fan_in)): 1.7x smaller conv weights and 2.4x smaller output weights for this net,
+    which under batch norm and Adam changes the effective step size."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def build_model(name: str, ways: int, image_size: int = 28, init: str = "torch") -> nn.Module:
     if name == "omniglot_conv":
-        return OmniglotConv(ways, size=image_size)
-    if name == "miniimagenet_conv":
-        return MiniImageNetConv(ways)
-    if name == "sine_mlp":
-        return SineMLP()
-    raise ValueError(f"unknown model '{name}'")
+        model: nn.Module = OmniglotConv(ways, size=image_size)
+    elif name == "miniimagenet_conv":
+        model = MiniImageNetConv(ways)
+    elif name == "sine_mlp":
+        model = SineMLP()
+    else:
+        raise ValueError(f"unknown model '{name}'")
+    return glorot_init(model) if init == "glorot" else model

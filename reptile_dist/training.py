@@ -25,7 +25,7 @@ FINAL_FORMAT = "reptile-dist-final-v1"
 def make_learner(cfg: Config, family: TaskFamily, device: str = "cpu") -> Learner:
     """The model workspace, initialised from cfg.seed so every process builds the same theta_0."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.ways, image_size(family))
+    model = build_model(cfg.model, cfg.ways, image_size(family), cfg.init)
     return Learner(model, family.kind, cfg.inner_optimizer, cfg.inner_lr, device)
 
 

@@ -171,3 +171,18 @@ def test_outer_state_round_trips_the_carried_moment():
     other.load_state_dict(outer.state_dict())
     assert torch.equal(other.theta, torch.full((3,), 0.5))
     assert torch.equal(other.inner_moment.sq, torch.tensor([1.0, 2.0, 3.0])) and other.inner_moment.steps == 15.0
+
+
+def test_glorot_init_draws_tensorflows_layer_defaults():
+    from reptile_dist.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("omniglot_conv", 5, 28, init="glorot")
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 5
+    for layer in layers:
+        w = layer.weight
+        fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        assert 0.9 * bound < w.abs().max() <= bound
