@@ -38,25 +38,32 @@ MODELS = (
 
 def result_of(runs: Path, run: str, log: str | None) -> dict:
     summary = json.loads((runs / run / "summary.json").read_text())
+    inner_state = _config_value(runs / run / "config.yaml", "inner_state", "fresh")
     if log is None:
         ev = {"accuracy": summary["test_accuracy"], "accuracy_ci95": summary["test_ci95"],
               "transductive_accuracy": summary["test_transductive_accuracy"],
               "transductive_accuracy_ci95": summary["test_transductive_ci95"], "tasks": summary["eval_tasks"]}
     else:
         ev = json.loads((runs / log).read_text().strip().splitlines()[-1])  # eval prints its JSON last
-    return {"summary": summary, "eval": ev}
+    return {"summary": summary, "eval": ev, "inner_state": inner_state}
 
 
-def manifest_entry(name: str, run: str, log: str | None, res: dict, train_command: str) -> dict:
+def _config_value(path: Path, key: str, default: str) -> str:
+    from reptile_dist.config import ConfigError, read_yaml_mapping
+
+    return str(read_yaml_mapping(path, ConfigError, "config keys").get(key, default))
+
+
+def manifest_entry(name: str, runs: Path, run: str, log: str | None, res: dict, train_command: str) -> dict:
     s, ev = res["summary"], res["eval"]
-    export = f"reptile-dist export --checkpoint runs/repro/{run}/final.pt --out pretrained/{name}.pt"
+    export = f"reptile-dist export --checkpoint {runs}/{run}/final.pt --out pretrained/{name}.pt"
     commands = [train_command]
     if log:
         export += " --set shots=5"
-        commands.append(f"reptile-dist eval --checkpoint runs/repro/{run}/final.pt --tasks {ev['tasks']} --set shots=5")
+        commands.append(f"reptile-dist eval --checkpoint {runs}/{run}/final.pt --tasks {ev['tasks']} --set shots=5")
     return {
         "file": f"{name}.pt", "preset": name.replace("-alphabet", ""), "split": s["split"],
-        "meta_iters": s["meta_iters"], "train_wall_s": round(s["wall_s"]), "train_tasks_per_s": round(s["tasks_per_s"], 1),
+        "inner_state": res.get("inner_state", "fresh"), "meta_iters": s["meta_iters"], "train_wall_s": round(s["wall_s"]), "train_tasks_per_s": round(s["tasks_per_s"], 1),
         "backend": s["backend"], "workers": s["workers"],
         "test_accuracy": round(100 * ev["accuracy"], 2), "test_ci95": round(100 * ev["accuracy_ci95"], 2),
         "test_transductive_accuracy": round(100 * ev["transductive_accuracy"], 2),
@@ -78,12 +85,20 @@ def table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(runs: Path, path: Path) -> None:
+def eval_rows(run_dir: Path) -> list[dict]:
+    return [r for r in pq.read_table(run_dir / "metrics.parquet").to_pylist() if r.get("eval_accuracy") is not None]
+
+
+def plot_curves(runs: Path, path: Path, baseline: Path | None = None, baseline_label: str = "") -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for ax, run, title in zip(axes, ("5w", "20w", "20w-alphabet"),
                               ("5-way 1-shot (paper split)", "20-way 1-shot (paper split)", "20-way 1-shot (alphabet split)")):
-        rows = [r for r in pq.read_table(runs / run / "metrics.parquet").to_pylist() if r.get("eval_accuracy") is not None]
+        rows = eval_rows(runs / run)
         steps = [r["step"] for r in rows]
+        if baseline is not None and (baseline / run / "metrics.parquet").exists():
+            old = eval_rows(baseline / run)
+            ax.plot([r["step"] for r in old], [100 * r["eval_accuracy"] for r in old], "k--", lw=1,
+                    label=f"non-transductive, {baseline_label}")
         for key, label in (("eval_accuracy", "non-transductive"), ("eval_transductive_accuracy", "transductive")):
             acc = [100 * r[key] for r in rows]
             ci = [100 * r[f"{key}_ci95"] for r in rows]
@@ -104,11 +119,14 @@ def main() -> None:
     parser.add_argument("--manifest", default="pretrained/manifest.json")
     parser.add_argument("--train-command", default="bash benchmarks/reproduce_omniglot.sh train",
                         help="how the runs were made, recorded in the manifest")
+    parser.add_argument("--baseline", help="runs folder of an earlier reproduction, drawn dashed for comparison")
+    parser.add_argument("--baseline-label", default="earlier runs")
     args = parser.parse_args()
     runs = Path(args.runs)
-    entries = [manifest_entry(name, run, log, result_of(runs, run, log), args.train_command) for name, run, log in MODELS]
+    entries = [manifest_entry(name, runs, run, log, result_of(runs, run, log), args.train_command)
+               for name, run, log in MODELS]
     Path(args.manifest).write_text(json.dumps(entries, indent=2) + "\n")
-    plot_curves(runs, Path(args.figure))
+    plot_curves(runs, Path(args.figure), Path(args.baseline) if args.baseline else None, args.baseline_label)
     print(table(entries))
 
 

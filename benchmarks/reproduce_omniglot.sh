@@ -38,8 +38,10 @@ train)
     ;;
 eval)
     # 1-shot figures come from each run's summary.json; the 5-shot ones from the same weights.
-    "$BIN/reptile-dist" eval --checkpoint "$OUT/5w/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/5w-5shot.log"
-    "$BIN/reptile-dist" eval --checkpoint "$OUT/20w/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/20w-5shot.log"
+    # Side by side, one thread each (the runs' torch_threads).
+    "$BIN/reptile-dist" eval --checkpoint "$OUT/5w/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/5w-5shot.log" &
+    "$BIN/reptile-dist" eval --checkpoint "$OUT/20w/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/20w-5shot.log" &
+    wait
     ;;
 publish)
     for n in 5w1s:5w 5w5s:5w 20w1s:20w 20w5s:20w 20w1s-alphabet:20w-alphabet; do
@@ -47,8 +49,10 @@ publish)
         [[ $name == *5s ]] && shots="--set shots=5"
         "$BIN/reptile-dist" export --checkpoint "$OUT/$run/final.pt" --out "pretrained/$name.pt" $shots
     done
+    # BASELINE=runs/other: an earlier reproduction drawn dashed in the learning curves.
     "$BIN/python" benchmarks/omniglot_report.py --runs "$OUT" \
-        --train-command "ITERS_5W=$ITERS_5W ITERS_20W=$ITERS_20W EVAL_TASKS=$EVAL_TASKS bash benchmarks/reproduce_omniglot.sh train"
+        ${BASELINE:+--baseline "$BASELINE" --baseline-label "${BASELINE_LABEL:-earlier runs}"} \
+        --train-command "OUT=$OUT ITERS_5W=$ITERS_5W ITERS_20W=$ITERS_20W EVAL_TASKS=$EVAL_TASKS bash benchmarks/reproduce_omniglot.sh train"
     ;;
 *)
     echo "usage: $0 train|eval|publish" >&2; exit 2 ;;
