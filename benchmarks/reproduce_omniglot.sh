@@ -39,9 +39,9 @@ train)
 eval)
     # 1-shot figures come from each run's summary.json; the 5-shot ones from the same weights.
     # Side by side, one thread each (the runs' torch_threads).
-    "$BIN/reptile-dist" eval --checkpoint "$OUT/5w/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/5w-5shot.log" &
-    "$BIN/reptile-dist" eval --checkpoint "$OUT/20w/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/20w-5shot.log" &
-    wait
+    "$BIN/reptile-dist" eval --checkpoint "$OUT/5w/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/5w-5shot.log" & first=$!
+    "$BIN/reptile-dist" eval --checkpoint "$OUT/20w/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/20w-5shot.log" & second=$!
+    wait "$first"; wait "$second"  # either failing fails the script
     ;;
 publish)
     for n in 5w1s:5w 5w5s:5w 20w1s:20w 20w5s:20w 20w1s-alphabet:20w-alphabet; do
