@@ -90,9 +90,10 @@ def main() -> None:
     torch.set_num_threads(1)
     model = load_pretrained(args.checkpoint)
     cfg = model.cfg.replace(data=args.data) if args.data else model.cfg
-    family = build_family(cfg)
     if args.train:
         cfg = cfg.replace(meta_iters=args.train, **parse_overrides(args.overrides))
+    family = build_family(cfg)
+    if args.train:
         results = {}
         for name in args.variants.split(","):
             learner, theta, moment = meta_train(cfg, family, name)

@@ -11,7 +11,7 @@ same format, so any run can use it with `--set data=PATH`:
     python benchmarks/reference_pixels_table.py --source ../shared/data/omniglot/images_background.zip \\
         ../shared/data/omniglot/images_evaluation.zip --out runs/omniglot-nearest.arrow
     python benchmarks/adam_state_probe.py --checkpoint pretrained/omniglot-5w1s.pt --train 2000 \\
-        --tasks 500 --variants averaged --set data=runs/omniglot-nearest.arrow
+        --tasks 500 --variants averaged --data runs/omniglot-nearest.arrow
 """
 from __future__ import annotations
 
