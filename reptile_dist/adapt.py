@@ -85,7 +85,9 @@ def load_pretrained(path: str) -> Pretrained:
         raise AdaptError(f"{path}: its weights do not fit a {cfg.ways}-way {cfg.model} "
                          f"({' '.join(str(exc).split())[:200]})") from None
     theta = learner.initial_theta()
-    moment = InnerMoment.from_state(state.get("inner_moment"))
+    # Carried inner state: adaptation starts from the saved estimate (as `eval` does), unless the
+    # config says fresh.
+    moment = InnerMoment.from_state(state.get("inner_moment")) if cfg.carries_inner_moment else None
     if moment is not None and moment.sq.numel() != theta.numel():
         raise AdaptError(f"{path}: its inner second-moment estimate does not fit its weights")
     return Pretrained(cfg, learner, theta, int(state.get("step", 0)), moment)

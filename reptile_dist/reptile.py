@@ -74,9 +74,19 @@ class InnerMoment:
     def state_dict(self) -> dict:
         return {"sq": self.sq.detach().cpu().clone(), "steps": float(self.steps)}
 
+    def as_numpy(self) -> dict:
+        """`state_dict` with a numpy `sq`, for Ray's object store (numpy moves zero-copy) and Ray
+        Train's return values (which refuse tensors)."""
+        return {"sq": self.sq.detach().cpu().numpy(), "steps": float(self.steps)}
+
     @classmethod
     def from_state(cls, state: dict | None) -> "InnerMoment | None":
-        return None if state is None else cls(state["sq"].float(), float(state["steps"]))
+        """From `state_dict` or `as_numpy` (copied: object-store arrays are read-only)."""
+        if state is None:
+            return None
+        sq = state["sq"]
+        sq = sq.detach().clone() if isinstance(sq, torch.Tensor) else torch.tensor(sq)
+        return cls(sq.float(), float(state["steps"]))
 
 
 @dataclass
@@ -203,7 +213,7 @@ def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: 
         return adapt_tasks_batched(learner, family, theta, cfg, step, task_indices, moment)
     total = torch.zeros_like(theta, dtype=torch.float64, device=learner.device)
     moment_sum = torch.zeros_like(theta, dtype=torch.float64) if moment is not None else None
-    tasks, loss_sum, acc_sum, moment_steps = 0, 0.0, 0.0, 0.0
+    tasks, loss_sum, acc_sum = 0, 0.0, 0.0
     for i in task_indices:
         rng = task_rng(cfg.seed, TRAIN_STREAM, step, i)
         task: Task = family.train_task(rng)
@@ -213,9 +223,9 @@ def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: 
         tasks += 1
         loss_sum += result.loss
         acc_sum += result.accuracy
-        if moment_sum is not None and result.moment is not None:
+        if moment_sum is not None:
             moment_sum += result.moment.sq
-            moment_steps = result.moment.steps
+    moment_steps = moment.steps + cfg.inner_steps if moment is not None else 0.0
     return DeltaSum(total.cpu(), tasks, loss_sum, acc_sum, moment_sum if tasks else None, moment_steps)
 
 

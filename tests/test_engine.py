@@ -83,8 +83,8 @@ def test_the_aggregator_rejects_a_push_whose_carried_estimate_is_not_finite():
     bad = np.array([1.0, np.nan, 1.0, 1.0])
     row = agg.push(Push(1, 0, np.ones(4), 1, 0.5, 1.0, bad, 5.0))
     assert agg.counters.rejected_nonfinite == 1 and row["tasks"] == 1
-    sq, steps = agg.moment  # the finite push alone made the new estimate
-    assert np.array_equal(sq, np.full(4, 2.0, dtype=np.float32)) and steps == 5.0
+    moment = agg.outer.inner_moment  # the finite push alone made the new estimate
+    assert np.array_equal(moment.sq.numpy(), np.full(4, 2.0, dtype=np.float32)) and moment.steps == 5.0
 
 
 def test_async_aggregation_takes_each_applied_pushs_mean_estimate():
@@ -93,8 +93,7 @@ def test_async_aggregation_takes_each_applied_pushs_mean_estimate():
     cfg = tiny("synthetic", inner_state="carried", meta_batch_size=4).replace(backend="ray", workers=2, mode="async")
     agg = Aggregator(cfg, np.zeros(3, dtype=np.float32))
     agg.push(Push(0, 0, np.ones(3), 2, 1.0, 1.0, np.full(3, 4.0), 10.0))
-    sq, steps = agg.moment
-    assert np.allclose(sq, 2.0) and steps == 10.0
+    moment = agg.outer.inner_moment
+    assert np.allclose(moment.sq.numpy(), 2.0) and moment.steps == 10.0
     agg.push(Push(1, 0, np.ones(3), 2, 1.0, 1.0, np.full(3, 8.0), 10.0))  # one version stale, still applied
-    sq, steps = agg.moment
-    assert np.allclose(sq, 4.0) and agg.counters.staleness[1] == 1
+    assert np.allclose(agg.outer.inner_moment.sq.numpy(), 4.0) and agg.counters.staleness[1] == 1

@@ -82,7 +82,7 @@ class AdaptWorker(Workspace):
             theta_ref, version = got
             pulled, carried = ray.get(theta_ref)
             theta = torch.tensor(pulled)  # object-store arrays are read-only: copy
-            moment = None if carried is None else InnerMoment(torch.tensor(carried[0]), carried[1])
+            moment = InnerMoment.from_state(carried)
             share = self.shares(version)
             if not share:
                 continue
@@ -108,7 +108,7 @@ class AdaptWorker(Workspace):
             ack = ps.push.remote(self.index, version, delta, result.tasks, result.loss_sum, result.accuracy_sum,
                                  moment_sum, result.moment_steps)
             pushed_bytes = (0 if delta is None else delta.nbytes) + (0 if moment_sum is None else moment_sum.nbytes)
-            self._log_push(ack, sent_wall, sent, pushed_bytes, pulled.nbytes + (0 if carried is None else carried[0].nbytes))
+            self._log_push(ack, sent_wall, sent, pushed_bytes, pulled.nbytes + (0 if carried is None else carried["sq"].nbytes))
             adapted += result.tasks
         latencies = [entry[1] for entry in self._pushes]
         return {"worker": self.index, "tasks": adapted, "busy_s": busy,

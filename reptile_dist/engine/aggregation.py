@@ -75,12 +75,6 @@ class Aggregator:
     def theta(self) -> np.ndarray:
         return self.outer.theta.numpy()
 
-    @property
-    def moment(self) -> tuple[np.ndarray, float] | None:
-        """The carried inner estimate (flat float32, inner steps behind it), or None."""
-        m = self.outer.inner_moment
-        return None if m is None else (m.sq.numpy(), m.steps)
-
     def _mean_moment(self, pushes: list[Push], tasks: int) -> InnerMoment | None:
         if self.outer.inner_moment is None or any(p.moment is None for p in pushes) or not tasks:
             return None

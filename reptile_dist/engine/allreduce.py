@@ -76,7 +76,7 @@ def train_allreduce(cfg: Config, out: str, address: str | None = None, resume: b
         throughput = Throughput(tasks=done["tasks"], seconds=done["train_s"])
         theta = torch.tensor(done["theta"])  # return values are read-only arrays
         return finish_run(s, theta, cfg.meta_iters, throughput, time.perf_counter() - started, before, extra, say,
-                          done["test"], _moment(done["moment"]))
+                          done["test"], InnerMoment.from_state(done["moment"]))
 
 
 def make_trainer(cfg: Config, s: RunSetup, storage: str, progress: bool,
@@ -209,9 +209,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     test = evaluate_sharded("test", cfg.eval_tasks)
     if rank != 0:
         return None
-    # Ray Train refuses torch tensors in return values: the estimate travels as numpy.
-    moment = None if outer.inner_moment is None else {"sq": outer.inner_moment.sq.numpy().copy(),
-                                                      "steps": outer.inner_moment.steps}
+    moment = None if outer.inner_moment is None else outer.inner_moment.as_numpy()  # Ray Train refuses tensors
     return {"theta": outer.theta.clone().numpy(), "moment": moment, "test": test, "before": before, "tasks": throughput.tasks,
             "train_s": throughput.seconds, "allreduce_s": allreduce_s, "restored_from_step": restored_from,
             "placements": placements, "timeline": timeline}
@@ -238,10 +236,6 @@ def all_reduce_sum(part: DeltaSum, device: torch.device, stop: bool = False,
     total = DeltaSum(buffer[:n], int(buffer[-4].item()), float(buffer[-3].item()), float(buffer[-2].item()),
                      moment_sum, moment_steps or 0.0)
     return total, buffer[-1].item() > 0
-
-
-def _moment(state: dict | None) -> InnerMoment | None:
-    return None if state is None else InnerMoment(torch.tensor(state["sq"]), float(state["steps"]))
 
 
 def report(run: RunDir | None, metrics: dict[str, Any], state: dict[str, Any] | None, to_run_dir: bool,

@@ -42,13 +42,14 @@ class ParameterServer:
         # One object-store copy of theta (and the carried inner estimate) per version, shared by
         # every worker that pulls it.
         if self._ref_version != self.agg.version:
-            moment = self.agg.moment
-            self._theta_ref = ray.put((self.agg.theta.copy(), None if moment is None else (moment[0].copy(), moment[1])))
+            moment = self.agg.outer.inner_moment  # replaced, never changed in place, by each update
+            self._theta_ref = ray.put((self.agg.theta.copy(), None if moment is None else moment.as_numpy()))
             self._ref_version = self.agg.version
         return self._theta_ref
 
     async def pull(self, after_version: int = -1, after_push: Any = None):
-        """[ref to (theta, carried inner estimate or None), version] once the version is past `after_version`; None when the run is over.
+        """[ref to (theta, carried inner estimate as `InnerMoment.as_numpy` or None), version] once the
+        version is past `after_version`; None when the run is over.
         `after_push`: the caller's previous push, whose result Ray waits for before running this."""
         async with self.changed:
             await self.changed.wait_for(lambda: self.agg.version > after_version or self.agg.done or self.stopped)
