@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=20.0, help="measured seconds per combination")
     bench.add_argument("--warmup", type=float, default=5.0, help="seconds run before measuring")
     bench.add_argument("--straggler", type=float, default=1.0, metavar="FACTOR",
-                       help="also run each mode at the largest W with worker `straggler_worker` FACTOR times slower")
+                       help="also run each mode at the largest W with worker 0 FACTOR times slower")
     bench.add_argument("--address", help="join an existing Ray cluster ('auto' or ray://host:10001)")
     bench.add_argument("--capacity-params", default="", help="PS capacity sweep over model sizes, e.g. 100k,1M,10M")
     bench.add_argument("--capacity-dtypes", default="float64,float32,bfloat16,float16", help="delta precisions on the wire")

@@ -40,6 +40,15 @@ class TaskScores:
                           self.loss + other.loss)
 
 
+def combine_scores(parts: Iterable[TaskScores | None]) -> TaskScores:
+    """The scores of an evaluation sharded over processes, in shard order."""
+    total = TaskScores([], [], [])
+    for part in parts:
+        if part is not None:
+            total = total + part
+    return total
+
+
 def mean_ci95(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% normal confidence interval."""
     a = np.asarray(values, dtype=np.float64)

@@ -9,8 +9,9 @@ runs in. Nothing here knows about processes or Ray.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -172,9 +173,12 @@ class Learner:
 
 @dataclass
 class DeltaSum:
-    """Sum over tasks of (theta_i - theta), with what is needed to average and log it."""
+    """Sum over tasks of (theta_i - theta), with what is needed to average and log it.
 
-    delta: torch.Tensor
+    Every loop meets its meta-step's tasks in this form: the local trainer adapts them all, a
+    worker or an all-reduce rank its share, and the shares add up (`+`) to the local trainer's sum."""
+
+    delta: torch.Tensor  # float64
     tasks: int
     loss_sum: float
     accuracy_sum: float
@@ -188,6 +192,12 @@ class DeltaSum:
         return DeltaSum(self.delta + other.delta, self.tasks + other.tasks,
                         self.loss_sum + other.loss_sum, self.accuracy_sum + other.accuracy_sum,
                         moment_sum, max(self.moment_steps, other.moment_steps))
+
+    @property
+    def finite(self) -> bool:
+        """No NaN or Inf in the delta, the loss or the carried estimates: only such a sum may touch theta."""
+        return (bool(torch.isfinite(self.delta).all()) and math.isfinite(self.loss_sum)
+                and (self.moment_sum is None or bool(torch.isfinite(self.moment_sum).all())))
 
     def mean_moment(self) -> InnerMoment | None:
         """The next carried estimate: the mean of the tasks' own."""
@@ -339,6 +349,14 @@ class OuterOptimizer:
             self.param.grad = None
         return self.param.data
 
+    def apply_sum(self, total: DeltaSum, step_size: float, per: int | None = None) -> torch.Tensor:
+        """The meta update from a sum of deltas: theta moves by step_size times total.delta / per
+        (per: the sum's own task count, which makes it the mean), and the tasks' mean estimate
+        becomes the carried one. Async pushes divide by meta_batch_size instead, so a meta-batch's
+        worth of them moves theta as far as one synchronous meta-step."""
+        mean = (total.delta / (per or total.tasks)).float()
+        return self.apply(mean, step_size, total.mean_moment())
+
     def state_dict(self) -> dict:
         state = {"kind": self.kind, "theta": self.param.data.clone()}
         if self.inner_moment is not None:
@@ -355,5 +373,15 @@ class OuterOptimizer:
             self._adam.load_state_dict(state["adam"])
 
 
-def is_finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
+def meta_step(learner: Learner, family: TaskFamily, outer: OuterOptimizer, cfg: Config, step: int,
+              task_indices: Iterable[int], combine: Callable[[DeltaSum], DeltaSum] | None = None) -> DeltaSum:
+    """One meta-step (Algorithm 2): adapt theta to this process's tasks of `step`, combine the
+    sum with the other processes' shares (`combine`: the all-reduce; none when one process adapts
+    the whole meta-batch), and apply the outer update with eps(step). Returns the combined sum.
+
+    The parameter server splits this in two: its workers run `adapt_tasks`, and it applies
+    `OuterOptimizer.apply_sum` to the sum of their pushes."""
+    part = adapt_tasks(learner, family, outer.theta, cfg, step, task_indices, outer.inner_moment)
+    total = part if combine is None else combine(part)
+    outer.apply_sum(total, cfg.meta_step_size_at(step))
+    return total

@@ -1,20 +1,23 @@
 """What every engine does around the meta-training loop: build the family, the model and theta,
-claim the run directory, log, checkpoint, and finish with the held-out evaluation.
+claim the run directory, log, checkpoint, and finish with the held-out evaluation; and the loop
+itself, for the engines that run it in-process (the local trainer, each all-reduce rank).
 
-The loop itself lives with each engine (`local.py`, `engine/`), so each reads top to bottom.
+    for each meta-step: reptile.meta_step -> a log row, a periodic evaluation and a checkpoint
+                        when the Cadence says so
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from reptile_dist.config import Config
 from reptile_dist.evaluation import evaluate, headline
 from reptile_dist.models import build_model
-from reptile_dist.reptile import InnerMoment, Learner, OuterOptimizer
+from reptile_dist.reptile import DeltaSum, InnerMoment, Learner, OuterOptimizer, meta_step
 from reptile_dist.rundir import RunDir
 from reptile_dist.tasks import TaskFamily, build_family, image_size
 
@@ -60,6 +63,69 @@ def final_state(cfg: Config, step: int, learner: Learner, theta: torch.Tensor,
     }
 
 
+def set_torch_threads(cfg: Config, cpus: float | None = None) -> int:
+    """Set torch's intra-op threads for this process: cfg.torch_threads when given, else the CPUs
+    Ray granted it (rounded up), else leave torch's default. Returns the count before, to restore."""
+    before = torch.get_num_threads()
+    threads = cfg.torch_threads or (max(1, math.ceil(cpus)) if cpus else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    return before
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When a loop logs a row, runs a periodic evaluation and saves a checkpoint; the same for
+    every engine. `before` and `now` are meta-steps done (fractional for async, where progress is
+    applied tasks / meta_batch_size): an event is due when a multiple of its interval lies in
+    (before, now]. The last meta-step is always logged and checkpointed (a failure in the final
+    evaluation then redoes nothing) and, when periodic evaluation is on, evaluated."""
+
+    meta_iters: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Cadence":
+        return cls(cfg.meta_iters, cfg.log_every, cfg.eval_every, cfg.checkpoint_every)
+
+    def _crossed(self, every: int, before: float, now: float) -> bool:
+        return bool(every) and math.floor(now / every) > math.floor(before / every)
+
+    def _last(self, before: float, now: float) -> bool:
+        return before < self.meta_iters <= now
+
+    def log(self, before: float, now: float) -> bool:
+        return self._crossed(self.log_every, before, now) or self._last(before, now)
+
+    def evaluate(self, before: float, now: float) -> bool:
+        return bool(self.eval_every) and (self._crossed(self.eval_every, before, now) or self._last(before, now))
+
+    def checkpoint(self, before: float, now: float) -> bool:
+        return self._crossed(self.checkpoint_every, before, now) or self._last(before, now)
+
+
+class LoopHooks:
+    """Hooks a benchmark puts into a training loop (reptile-dist bench: a straggler, a timed
+    window); a training run uses this base, which does nothing. Hooks travel to Ray actors and
+    Ray Train workers by pickling, so a subclass keeps picklable state."""
+
+    def after_adapt(self, worker: int, adapt_s: float) -> None:
+        """Called by worker (or rank) `worker` after adapting its share, before the sum leaves it."""
+
+    def after_step(self, combine_s: float) -> None:
+        """Called after each meta-step with the seconds spent combining the shares (the all-reduce)."""
+
+    def should_stop(self) -> bool:
+        """Asked after each adaptation; True ends training after this meta-step."""
+        return False
+
+    def result(self) -> Any:
+        """What the hook measured, returned to whoever started the loop."""
+        return None
+
+
 @dataclass
 class Throughput:
     """Tasks per second over training time only (evaluations and checkpoints excluded)."""
@@ -89,6 +155,67 @@ class RunSetup:
     run: RunDir
     start_step: int
     restored: dict[str, Any] | None
+
+
+def log_row(step: int, step_size: float, total: DeltaSum, tasks_per_s: float, wall_s: float) -> dict[str, Any]:
+    return {"step": step, "meta_step_size": step_size, "train_loss": total.loss_sum / total.tasks,
+            "train_accuracy": total.accuracy_sum / total.tasks, "tasks_per_s": tasks_per_s, "wall_s": wall_s}
+
+
+def meta_train(cfg: Config, learner: Learner, family: TaskFamily, outer: OuterOptimizer, start_step: int,
+               task_indices: Iterable[int], evaluate_split: Callable[[str, int], dict[str, float]],
+               record: Callable[[int, dict[str, Any] | None, bool], None], *,
+               combine: Callable[[DeltaSum, bool], tuple[DeltaSum, bool]] | None = None, hooks: LoopHooks | None = None,
+               worker: int = 0, on_step: Callable[[int], None] | None = None) -> Throughput:
+    """Meta-steps start_step .. meta_iters - 1 of this process's `task_indices`.
+
+    `combine(part, stop) -> (total, stop)`: adds this process's sum to the others' (the all-reduce),
+    voting with this process's `stop`, and says whether any process voted to stop; none when this
+    process adapts the whole meta-batch. `hooks`: a benchmark's (`LoopHooks`).
+    `evaluate_split(split, tasks)`: a periodic evaluation. `record(step, row, checkpoint)` is
+    called whenever a row is due or a checkpoint (then `checkpoint` is True), on every process
+    alike (the all-reduce's report is a barrier); only one of them writes. `on_step(step)`: after
+    every meta-step (a progress bar)."""
+    cadence = Cadence.of(cfg)
+    hooks = hooks or LoopHooks()
+    throughput = Throughput()
+    started = time.perf_counter()
+    split = periodic_split(family)
+    for step in range(start_step, cfg.meta_iters):
+        throughput.resume()
+        adapt_started = time.perf_counter()
+        stop, combine_s = False, 0.0
+
+        def combined(part: DeltaSum) -> DeltaSum:
+            nonlocal stop, combine_s
+            hooks.after_adapt(worker, time.perf_counter() - adapt_started)
+            stop = hooks.should_stop()
+            if combine is None:
+                return part
+            combine_started = time.perf_counter()
+            total, stop = combine(part, stop)
+            combine_s = time.perf_counter() - combine_started
+            return total
+
+        total = meta_step(learner, family, outer, cfg, step, task_indices, combined)
+        throughput.pause(total.tasks)
+        done = step + 1
+        row = None
+        if cadence.log(step, done):
+            row = log_row(done, cfg.meta_step_size_at(step), total, throughput.tasks_per_s,
+                          time.perf_counter() - started)
+            if cadence.evaluate(step, done):
+                ev = evaluate_split(split, cfg.eval_tasks_periodic)
+                row.update({f"eval_{k}": v for k, v in ev.items() if k != "tasks"})
+        checkpoint = cadence.checkpoint(step, done)
+        if row is not None or checkpoint:
+            record(done, row, checkpoint)
+        hooks.after_step(combine_s)
+        if on_step is not None:
+            on_step(done)
+        if stop:
+            break
+    return throughput
 
 
 def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], None] = print) -> RunSetup:

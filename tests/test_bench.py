@@ -90,8 +90,24 @@ def test_the_scaling_model_finds_the_largest_worker_count_a_server_absorbs():
     assert model.capacity_at(300_000, [100_000, 1_000_000], [400.0, 40.0]) == pytest.approx(400 * 10 ** -math.log10(3))
 
 
-def test_a_straggler_must_be_one_of_the_workers():
-    with pytest.raises(ConfigError, match="straggler_worker"):
-        Config(workers=2, straggler_factor=2.0, straggler_worker=2)
+def test_a_straggler_needs_a_second_worker_and_is_not_run_configuration():
     with pytest.raises(ConfigError, match="--straggler"):
         BenchPlan(workers=(1,), straggler_factor=3.0)
+    with pytest.raises(ConfigError, match="no longer a run setting"):
+        Config().replace(straggler_factor=2.0)
+    # what older versions wrote into every config.yaml and checkpoint still reads back
+    assert Config().replace(straggler_factor=1.0, straggler_worker=0) == Config()
+
+
+def test_the_straggler_hook_slows_only_its_worker():
+    import time
+
+    from reptile_dist.bench.hooks import Straggler
+
+    hook = Straggler(worker=1, factor=3.0)
+    t0 = time.perf_counter()
+    hook.after_adapt(0, 0.05)
+    assert time.perf_counter() - t0 < 0.05  # not its worker: no sleep at all
+    t0 = time.perf_counter()
+    hook.after_adapt(1, 0.05)
+    assert time.perf_counter() - t0 >= 0.1  # (factor - 1) x the adapt time

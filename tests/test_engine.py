@@ -45,7 +45,11 @@ def test_async_trains_sine_into_the_local_trainers_loss_band(ray_local, tmp_path
     remote = train_ray(cfg.replace(backend="ray", mode="async", workers=2), str(tmp_path / "async"), **quiet)
     assert remote["test_loss"] < 0.5 * local["before_loss"]
     assert remote["test_loss"] < 2.0 * local["test_loss"], (remote["test_loss"], local["test_loss"])
-    assert sum(remote["staleness_histogram"].values()) > 0
+    # Each applied push is counted once, at a staleness within the bound (staler ones are dropped).
+    # The run applies pushes of ceil(5 / 2) = 3 tasks until 600 x 5 tasks are in: exactly 1000.
+    histogram, per_push = remote["staleness_histogram"], -(-cfg.meta_batch_size // 2)
+    assert sum(histogram.values()) == -(-cfg.meta_iters * cfg.meta_batch_size // per_push) == 1000, histogram
+    assert set(histogram) <= set(range(cfg.staleness_bound + 1)), histogram
 
 
 def test_a_nan_delta_is_rejected_and_the_run_finishes_finite(ray_local, tmp_path):
@@ -74,14 +78,21 @@ def test_a_ray_run_directory_is_complete_and_eval_reads_it(ray_local, tmp_path, 
     assert "accuracy" in capsys.readouterr().out
 
 
+def _sum(delta, tasks, moment, moment_steps):
+    from reptile_dist.reptile import DeltaSum
+
+    return DeltaSum(torch.tensor(delta, dtype=torch.float64), tasks, 0.5 * tasks, 1.0 * tasks,
+                    torch.tensor(moment, dtype=torch.float64), moment_steps)
+
+
 def test_the_aggregator_rejects_a_push_whose_carried_estimate_is_not_finite():
     from reptile_dist.engine.aggregation import Aggregator, Push
 
     cfg = tiny("synthetic", inner_state="carried", meta_batch_size=2).replace(backend="ray", workers=2)
     agg = Aggregator(cfg, np.zeros(4, dtype=np.float32))
-    agg.push(Push(0, 0, np.ones(4), 1, 0.5, 1.0, np.full(4, 2.0), 5.0))
+    agg.push(Push(0, 0, 1, _sum(np.ones(4), 1, np.full(4, 2.0), 5.0)))
     bad = np.array([1.0, np.nan, 1.0, 1.0])
-    row = agg.push(Push(1, 0, np.ones(4), 1, 0.5, 1.0, bad, 5.0))
+    row = agg.push(Push(1, 0, 1, _sum(np.ones(4), 1, bad, 5.0)))
     assert agg.counters.rejected_nonfinite == 1 and row["tasks"] == 1
     moment = agg.outer.inner_moment  # the finite push alone made the new estimate
     assert np.array_equal(moment.sq.numpy(), np.full(4, 2.0, dtype=np.float32)) and moment.steps == 5.0
@@ -92,8 +103,8 @@ def test_async_aggregation_takes_each_applied_pushs_mean_estimate():
 
     cfg = tiny("synthetic", inner_state="carried", meta_batch_size=4).replace(backend="ray", workers=2, mode="async")
     agg = Aggregator(cfg, np.zeros(3, dtype=np.float32))
-    agg.push(Push(0, 0, np.ones(3), 2, 1.0, 1.0, np.full(3, 4.0), 10.0))
+    agg.push(Push(0, 0, 2, _sum(np.ones(3), 2, np.full(3, 4.0), 10.0)))
     moment = agg.outer.inner_moment
     assert np.allclose(moment.sq.numpy(), 2.0) and moment.steps == 10.0
-    agg.push(Push(1, 0, np.ones(3), 2, 1.0, 1.0, np.full(3, 8.0), 10.0))  # one version stale, still applied
+    agg.push(Push(1, 0, 2, _sum(np.ones(3), 2, np.full(3, 8.0), 10.0)))  # one version stale, still applied
     assert np.allclose(agg.outer.inner_moment.sq.numpy(), 4.0) and agg.counters.staleness[1] == 1

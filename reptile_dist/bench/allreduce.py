@@ -16,16 +16,19 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import torch
 
+from reptile_dist.bench.hooks import Straggler, TimedWindow
 from reptile_dist.bench.runner import FIXED_TIME, load_1m
 from reptile_dist.config import Config
+from reptile_dist.engine import wire
 from reptile_dist.engine.allreduce import TRAIN_STORAGE, make_trainer
 from reptile_dist.training import setup_run
 
-COUNTERS = 4  # float64 values sent after the delta (tasks, loss, accuracy, stop vote; allreduce.all_reduce_sum)
+COUNTERS = len(wire.COUNTS) + 1  # float64 values sent after the vector: the counts and the stop vote (all_reduce_sum)
 
 
-def measure_allreduce(cfg: Config, seconds: float, warmup: float) -> dict[str, Any]:
+def measure_allreduce(cfg: Config, seconds: float, warmup: float, straggler: Straggler | None = None) -> dict[str, Any]:
     """Train with cfg.workers Ray Train workers for `warmup` + `seconds` after their first meta-step."""
     # One evaluation task before and after (worker_loop always evaluates; it is outside the window),
     # and no restarts: a failure should surface, not be measured.
@@ -34,9 +37,11 @@ def measure_allreduce(cfg: Config, seconds: float, warmup: float) -> dict[str, A
     # A timed run writes no checkpoints, so this folder only holds config.yaml and Ray Train's run state.
     with tempfile.TemporaryDirectory(prefix="reptile-bench-allreduce-") as folder:
         s = setup_run(cfg, folder, say=lambda message: None)
-        trainer = make_trainer(cfg, s, s.run.path(TRAIN_STORAGE), progress=False, stop_after_s=warmup + seconds)
+        trainer = make_trainer(cfg, s, s.run.path(TRAIN_STORAGE), progress=False,
+                               hooks=TimedWindow(warmup + seconds, straggler))
         done = trainer.fit().return_value
-    row = window_figures(done["timeline"], warmup, seconds, cfg.workers, cfg.meta_batch_size, s.outer.theta.numel())
+    row = window_figures(done["hooks"], warmup, seconds, cfg.workers, cfg.meta_batch_size, s.outer.theta.numel(),
+                         cfg.carries_inner_moment, cfg.delta_dtype)
     row.update(nodes=len({p["node_id"] for p in done["placements"]}),
                worker_nodes_off_ps=0,  # there is no parameter server to be off
                load_1m=max(load_before, load_1m()))
@@ -44,7 +49,7 @@ def measure_allreduce(cfg: Config, seconds: float, warmup: float) -> dict[str, A
 
 
 def window_figures(timeline: list[tuple[float, float]], warmup: float, seconds: float, workers: int,
-                   meta_batch_size: int, params: int) -> dict[str, Any]:
+                   meta_batch_size: int, params: int, carried: bool = False, dtype: str = "float64") -> dict[str, Any]:
     """Rates over the meta-steps that ended in the window; timeline: rank 0's (end s, all-reduce s) per meta-step."""
     start = timeline[0][0] + warmup
     end = min(start + seconds, timeline[-1][0])  # rank 0 stops the group at its first all-reduce after start + seconds
@@ -54,7 +59,9 @@ def window_figures(timeline: list[tuple[float, float]], warmup: float, seconds: 
     latencies = np.array([ar for _, ar in inside]) if inside else np.array([math.nan])
     # Ring all-reduce (gloo): each worker sends 2(W-1)/W of the buffer per meta-step, so the group sends
     # 2(W-1) buffers. Modelled from the buffer size, not counted on the wire.
-    buffer_bytes = (params + COUNTERS) * 8
+    # The vector (delta, and the carried estimates' sum) in the wire precision, then float64 counts.
+    vector_bytes = params * (2 if carried else 1) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    buffer_bytes = vector_bytes + COUNTERS * 8
     return {
         "window_s": span,
         "tasks_per_s": steps * meta_batch_size / span,

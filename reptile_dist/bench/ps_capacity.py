@@ -20,15 +20,16 @@ import torch
 from reptile_dist.bench.runner import load_1m, wait_for_pushes, window_figures
 from reptile_dist.config import Config
 from reptile_dist.engine.parameter_server import ParameterServer
-from reptile_dist.engine.wire import encode
+from reptile_dist.engine.wire import DeltaCodec, WireSum
+from reptile_dist.reptile import DeltaSum
 
 
 class Pusher:
     """Pull theta, push the same delta again; until the PS stops."""
 
-    def __init__(self, index: int, delta: np.ndarray):
+    def __init__(self, index: int, payload: WireSum):
         self.index = index
-        self.delta = delta
+        self.payload = payload
         self.pushes: list[tuple[float, float, int, int]] = []
 
     def run(self, ps) -> int:
@@ -39,10 +40,10 @@ class Pusher:
                 return count
             theta, _ = ray.get(got[0])  # (theta, carried inner estimate)
             sent_wall, sent = time.time(), time.perf_counter()
-            ack = ps.push.remote(self.index, got[1], self.delta, 1, 0.0, 0.0)
+            ack = ps.push.remote(self.index, got[1], 1, self.payload)
             ack.future().add_done_callback(
                 lambda _, w=sent_wall, t=sent, n=theta.nbytes: self.pushes.append((w, time.perf_counter() - t,
-                                                                                   self.delta.nbytes, n)))
+                                                                                   self.payload.nbytes, n)))
             count += 1
 
     def push_log(self) -> list[tuple[float, float, int, int]]:
@@ -52,10 +53,11 @@ class Pusher:
 def measure_capacity(params: int, dtype: str, pushers: int, seconds: float, warmup: float) -> dict[str, Any]:
     cfg = Config(backend="ray", mode="async", workers=pushers, meta_iters=10**12, staleness_bound=10**9,
                  delta_dtype=dtype, eval_every=0, checkpoint_every=0)
-    delta = encode(torch.randn(params, generator=torch.Generator().manual_seed(0)) * 1e-4, dtype)
+    delta = torch.randn(params, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e-4
+    payload = DeltaCodec(params, False, dtype).encode(DeltaSum(delta, 1, 0.0, 0.0))
     ps = ray.remote(ParameterServer).options(num_cpus=0.5, max_concurrency=1000) \
         .remote(cfg.to_dict(), np.zeros(params, dtype=np.float32))
-    senders = [ray.remote(Pusher).options(num_cpus=0.5, max_concurrency=2).remote(i, delta) for i in range(pushers)]
+    senders = [ray.remote(Pusher).options(num_cpus=0.5, max_concurrency=2).remote(i, payload) for i in range(pushers)]
     try:
         load_before = load_1m()
         runs = [s.run.remote(ps) for s in senders]
@@ -73,7 +75,7 @@ def measure_capacity(params: int, dtype: str, pushers: int, seconds: float, warm
     window = window_figures(first, last, [e for log in logs for e in log if wall0 <= e[0] < wall1])
     busy_per_push = (last["busy_s"] - first["busy_s"]) / max(last["counters"]["pushes"] - first["counters"]["pushes"], 1)
     return {
-        "params": params, "delta_dtype": dtype, "delta_mb": delta.nbytes / 1e6, "pushers": pushers,
+        "params": params, "delta_dtype": dtype, "delta_mb": payload.nbytes / 1e6, "pushers": pushers,
         "pushes_per_s": window["pushes_per_s"],
         # What the push handler alone (decode, sum in float64, apply) could take, Ray's transport aside.
         "handler_pushes_per_s": 1.0 / busy_per_push if busy_per_push > 0 else math.nan,

@@ -1,14 +1,13 @@
 """One benchmark combination, and the local baseline.
 
-A combination runs the engine's own actors (one ParameterServer, W AdaptWorkers, placed as the
-driver places them) for a warm-up, then for a measured window of fixed length, after which the
+A combination runs the engine's own actors (one ParameterServer, W AdaptWorkers, started by the
+driver's own code, engine/actors.py) for a warm-up, then for a measured window of fixed length, after which the
 bench stops the PS: no meta_iters, no evaluation, no checkpoints. Every figure is a difference
 between two PS drains (or the workers' push logs) taken at the window's ends.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import Counter
@@ -17,18 +16,13 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from reptile_dist.config import Config
-from reptile_dist.engine.adapt_worker import AdaptWorker
-from reptile_dist.engine.cluster import ClusterError, engine_bundles
-from reptile_dist.engine.parameter_server import ParameterServer
-from reptile_dist.reptile import OuterOptimizer, adapt_tasks
+from reptile_dist.engine.actors import EngineActors
+from reptile_dist.reptile import OuterOptimizer, meta_step
 from reptile_dist.tasks import TaskFamily
-from reptile_dist.training import make_learner
+from reptile_dist.training import LoopHooks, make_learner, set_torch_threads
 
-PLACEMENT_TIMEOUT_S = 120
 # The PS never finishes on its own (the bench stops it) and has nothing to snapshot.
 FIXED_TIME = dict(backend="ray", meta_iters=10**12, eval_every=0, checkpoint_every=0)
 
@@ -38,57 +32,35 @@ def load_1m() -> float:
 
 
 def measure_local(cfg: Config, family: TaskFamily, seconds: float, warmup: float) -> float:
-    """Tasks/s of the local trainer's loop (adapt a meta-batch, apply the outer update) in this
-    process, with the torch threads of one adapt worker."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.torch_threads or max(1, math.ceil(cfg.cpus_per_worker)))
+    """Tasks/s of the local trainer's meta-step (reptile.meta_step) in this process, with the torch
+    threads of one adapt worker."""
+    threads = set_torch_threads(cfg, cfg.cpus_per_worker)
     try:
         learner = make_learner(cfg, family)
         outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer, cfg.carries_inner_moment)
-
-        def meta_step(step: int) -> None:
-            result = adapt_tasks(learner, family, outer.theta, cfg, step, range(cfg.meta_batch_size),
-                                 outer.inner_moment)
-            outer.apply((result.delta / result.tasks).float(), cfg.meta_step_size_at(step), result.mean_moment())
-
+        tasks = range(cfg.meta_batch_size)
         step, warm_until = 0, time.perf_counter() + warmup
         while step == 0 or time.perf_counter() < warm_until:  # the first step pays torch's lazy imports
-            meta_step(step)
+            meta_step(learner, family, outer, cfg, step, tasks)
             step += 1
-        start, tasks = time.perf_counter(), 0
+        start, adapted = time.perf_counter(), 0
         while time.perf_counter() - start < seconds:
-            meta_step(step)
+            adapted += meta_step(learner, family, outer, cfg, step, tasks).tasks
             step += 1
-            tasks += cfg.meta_batch_size
-        return tasks / (time.perf_counter() - start)
+        return adapted / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
 
 
-def measure_engine(cfg: Config, theta: np.ndarray, seconds: float, warmup: float) -> dict[str, Any]:
-    """Run the PS and cfg.workers adapt workers for `warmup` + `seconds`; figures of the window."""
+def measure_engine(cfg: Config, theta: np.ndarray, seconds: float, warmup: float,
+                   hooks: LoopHooks | None = None) -> dict[str, Any]:
+    """Run the PS and cfg.workers adapt workers, started as a run's driver starts them, for
+    `warmup` + `seconds`; figures of the window. `hooks`: the workers' (a straggler)."""
     cfg = cfg.replace(**FIXED_TIME)
-    bundles = engine_bundles(cfg)
-    pg = placement_group(bundles, strategy=cfg.placement)
-    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
-    if not ready:
-        remove_placement_group(pg)
-        raise ClusterError(f"the cluster cannot place {len(bundles)} bundles {bundles} "
-                           f"within {PLACEMENT_TIMEOUT_S} s: {ray.available_resources()} available")
-
-    def bundle(i: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-
-    actors = []
+    engine = EngineActors(cfg, hooks)
     try:
-        ps = ray.remote(ParameterServer).options(num_cpus=0.5, max_concurrency=1000, scheduling_strategy=bundle(0)) \
-            .remote(cfg.to_dict(), theta)
-        actors.append(ps)
-        for w in range(cfg.workers):
-            actors.append(ray.remote(AdaptWorker).options(
-                max_concurrency=2, num_cpus=bundles[1 + w]["CPU"], num_gpus=bundles[1 + w].get("GPU", 0),
-                scheduling_strategy=bundle(1 + w)).remote(cfg.to_dict(), w))
-        workers = actors[1:]
+        ps = engine.parameter_server(theta)
+        workers = [engine.worker(w) for w in range(cfg.workers)]
         ray.get([w.where.remote() for w in workers])  # actors up, data loaded
         load_before = load_1m()
         runs = [w.run.remote(ps) for w in workers]
@@ -100,13 +72,11 @@ def measure_engine(cfg: Config, theta: np.ndarray, seconds: float, warmup: float
         ray.get(ps.stop.remote())
         ray.get(runs)  # re-raises a worker's error
         logs = ray.get([w.push_log.remote() for w in workers])
-        nodes = placement_group_table(pg)["bundles_to_node_id"]
+        nodes = engine.bundle_nodes()
     finally:
-        for actor in actors:
-            ray.kill(actor)
-        remove_placement_group(pg)
+        engine.close()
     row = window_figures(first, last, [e for log in logs for e in log if wall0 <= e[0] < wall1])
-    row.update(nodes=len(set(nodes.values())), worker_nodes_off_ps=sum(nodes[i] != nodes[0] for i in range(1, 1 + cfg.workers)),
+    row.update(nodes=len(set(nodes)), worker_nodes_off_ps=sum(n != nodes[0] for n in nodes[1:]),
                load_1m=max(load_before, load_1m()))
     return row
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from reptile_dist.bench import model
 from reptile_dist.bench.allreduce import measure_allreduce
+from reptile_dist.bench.hooks import Straggler
 from reptile_dist.bench.plots import plot_capacity, plot_scaling
 from reptile_dist.bench.ps_capacity import capacity_sweep
 from reptile_dist.bench.report import (CAPACITY_COLUMNS, MODEL_COLUMNS, engine_section, markdown_table, write_markdown,
@@ -31,6 +32,7 @@ from reptile_dist.training import make_learner
 MODES = ("sync", "async", "allreduce")
 OMNIGLOT_PRESETS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s")
 WIRE_DTYPES = ("float64", "float32", "bfloat16", "float16")
+STRAGGLER_WORKER = 0  # the worker --straggler slows down
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,11 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
             if plan.straggler_factor > 1:
                 combos += [(mode, max(workers), plan.straggler_factor) for mode in plan.modes]
             for mode, w, factor in combos:
-                c = cfg.replace(mode=mode, workers=w, straggler_factor=factor)
-                measured = (measure_allreduce(c, plan.seconds, plan.warmup) if mode == "allreduce"
-                            else measure_engine(c, theta, plan.seconds, plan.warmup))
-                row = {**describe(plan, c, theta.size, local, batched), **measured}
+                c = cfg.replace(mode=mode, workers=w)
+                straggler = Straggler(STRAGGLER_WORKER, factor) if factor > 1 else None
+                measured = (measure_allreduce(c, plan.seconds, plan.warmup, straggler) if mode == "allreduce"
+                            else measure_engine(c, theta, plan.seconds, plan.warmup, straggler))
+                row = {**describe(plan, c, theta.size, local, batched, factor), **measured}
                 engine_rows.append(row)
                 say(progress_line(row))
             add_efficiencies(engine_rows)
@@ -105,12 +108,13 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
     return write_outputs(plan, out, command, engine_rows, capacity_rows, scaling_model(plan, capacity_rows, rates))
 
 
-def describe(plan: BenchPlan, cfg: Config, params: int, local: float, batched: float) -> dict[str, Any]:
+def describe(plan: BenchPlan, cfg: Config, params: int, local: float, batched: float,
+             straggler_factor: float = 1.0) -> dict[str, Any]:
     return {
         "config": plan.config, "family": cfg.family, "params": params, "meta_batch_size": cfg.meta_batch_size,
         "delta_dtype": cfg.delta_dtype, "mode": cfg.mode, "workers": cfg.workers,
-        "straggler_factor": cfg.straggler_factor, "straggler_worker": cfg.straggler_worker,
-        "straggler": f"worker {cfg.straggler_worker} x{cfg.straggler_factor:g}" if cfg.straggler_factor > 1 else "none",
+        "straggler_factor": straggler_factor, "straggler_worker": STRAGGLER_WORKER,
+        "straggler": f"worker {STRAGGLER_WORKER} x{straggler_factor:g}" if straggler_factor > 1 else "none",
         "tasks_per_push": cfg.tasks_per_push, "batched_adaptation": cfg.batched_adaptation,
         "address": plan.address or "local", "cpu_count": os.cpu_count() or 0, "warmup_s": plan.warmup,
         "local_tasks_per_s": local, "local_batched_tasks_per_s": batched,

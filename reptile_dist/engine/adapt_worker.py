@@ -17,8 +17,8 @@ from reptile_dist.config import Config
 from reptile_dist.evaluation import TaskScores, score_tasks, summarize
 from reptile_dist.reptile import InnerMoment, adapt_tasks
 from reptile_dist.tasks import build_family
-from reptile_dist.training import make_learner
-from reptile_dist.engine.wire import encode
+from reptile_dist.engine.wire import DeltaCodec
+from reptile_dist.training import LoopHooks, make_learner, set_torch_threads
 
 PUSH_LOG_LENGTH = 100_000  # the newest pushes kept for push_log()
 
@@ -28,7 +28,7 @@ class Workspace:
 
     def __init__(self, cfg: dict):
         self.cfg = Config(**cfg)
-        torch.set_num_threads(self.cfg.torch_threads or max(1, math.ceil(self.cfg.cpus_per_worker)))
+        set_torch_threads(self.cfg, self.cfg.cpus_per_worker)
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.family = build_family(self.cfg)
         self.learner = make_learner(self.cfg, self.family, self.device)
@@ -44,9 +44,12 @@ class Workspace:
 
 
 class AdaptWorker(Workspace):
-    def __init__(self, cfg: dict, index: int):
+    def __init__(self, cfg: dict, index: int, hooks: LoopHooks | None = None):
         super().__init__(cfg)
         self.index = index
+        self.hooks = hooks or LoopHooks()  # a benchmark's (a straggler); a run has none
+        self.codec = DeltaCodec(self.learner.initial_theta().numel(), self.cfg.carries_inner_moment,
+                                self.cfg.delta_dtype)
         self._poison = threading.Event()
         # run() may be called again while an old loop is still finishing (after the PS was
         # restored): the newest loop owns the learner, an older one stops at its next turn.
@@ -93,22 +96,19 @@ class AdaptWorker(Workspace):
                 result = adapt_tasks(self.learner, self.family, theta, cfg, version, share, moment)
                 adapt_s = time.perf_counter() - t0
                 busy += adapt_s
-            time.sleep(cfg.straggler_delay(self.index, adapt_s))
-            delta = result.delta
+            self.hooks.after_adapt(self.index, adapt_s)
             if self._poison.is_set():
                 self._poison.clear()
-                delta = torch.full_like(delta, float("nan"))
-            # Rejected here already: a non-finite delta is not worth its bytes (the PS counts it).
-            delta = encode(delta, cfg.delta_dtype) if torch.isfinite(delta).all() else None
+                result.delta = torch.full_like(result.delta, float("nan"))
+            # Rejected here already: a non-finite sum is not worth its bytes (the PS counts it).
+            payload = self.codec.encode(result) if result.finite else None
             # Not awaited: the next pull takes this push as an argument, so Ray runs it only after
             # the push (a large delta may still be in transfer when a bare pull would run), and in
             # sync mode it waits for the barrier anyway; waiting here would add a round trip.
             sent_wall, sent = time.time(), time.perf_counter()
-            moment_sum = None if result.moment_sum is None else result.moment_sum.numpy()
-            ack = ps.push.remote(self.index, version, delta, result.tasks, result.loss_sum, result.accuracy_sum,
-                                 moment_sum, result.moment_steps)
-            pushed_bytes = (0 if delta is None else delta.nbytes) + (0 if moment_sum is None else moment_sum.nbytes)
-            self._log_push(ack, sent_wall, sent, pushed_bytes, pulled.nbytes + (0 if carried is None else carried["sq"].nbytes))
+            ack = ps.push.remote(self.index, version, result.tasks, payload)
+            self._log_push(ack, sent_wall, sent, 0 if payload is None else payload.nbytes,
+                           pulled.nbytes + (0 if carried is None else carried["sq"].nbytes))
             adapted += result.tasks
         latencies = [entry[1] for entry in self._pushes]
         return {"worker": self.index, "tasks": adapted, "busy_s": busy,
@@ -122,8 +122,8 @@ class AdaptWorker(Workspace):
             lambda _: self._pushes.append((sent_wall, time.perf_counter() - sent, pushed_bytes, pulled_bytes)))
 
     def push_log(self) -> list[tuple[float, float, int, int]]:
-        """(wall time sent, latency s, bytes pushed, bytes pulled) of the newest pushes (delta and theta, and
-        the carried inner estimate with them when there is one)."""
+        """(wall time sent, latency s, bytes pushed, bytes pulled) of the newest pushes (the encoded sum, and
+        theta with the carried inner estimate when there is one)."""
         return list(self._pushes)
 
     def poison_next_push(self) -> None:

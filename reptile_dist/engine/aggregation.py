@@ -15,6 +15,8 @@ trainer does), async mode takes the mean of each applied push.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,19 +25,15 @@ import numpy as np
 import torch
 
 from reptile_dist.config import Config
-from reptile_dist.reptile import InnerMoment, OuterOptimizer
+from reptile_dist.reptile import DeltaSum, OuterOptimizer
 
 
 @dataclass
 class Push:
     worker: int
     version: int
-    delta: np.ndarray | None  # sum over the push's tasks of (theta_i - theta); None: the worker rejected it
     tasks: int
-    loss_sum: float
-    accuracy_sum: float
-    moment: np.ndarray | None = None  # sum over the tasks of their final inner second-moment estimates
-    moment_steps: float = 0.0
+    total: DeltaSum | None  # the push's tasks' summed deltas (engine/wire.py decodes it); None: the worker rejected it
 
 
 @dataclass
@@ -75,12 +73,6 @@ class Aggregator:
     def theta(self) -> np.ndarray:
         return self.outer.theta.numpy()
 
-    def _mean_moment(self, pushes: list[Push], tasks: int) -> InnerMoment | None:
-        if self.outer.inner_moment is None or any(p.moment is None for p in pushes) or not tasks:
-            return None
-        total = np.sum([p.moment for p in pushes], axis=0, dtype=np.float64)
-        return InnerMoment(torch.from_numpy((total / tasks).astype(np.float32)), max(p.moment_steps for p in pushes))
-
     @property
     def progress(self) -> float:
         """Meta-steps done: the version in sync mode, applied tasks / meta_batch_size in async."""
@@ -93,8 +85,7 @@ class Aggregator:
         return self.progress >= self.cfg.meta_iters
 
     def _finite(self, push: Push) -> bool:
-        if (push.delta is not None and np.isfinite(push.delta).all() and np.isfinite(push.loss_sum)
-                and (push.moment is None or np.isfinite(push.moment).all())):
+        if push.total is not None and push.total.finite:
             return True
         self.counters.rejected_nonfinite += 1
         self.counters.rejected_by_worker[push.worker] += 1
@@ -127,14 +118,12 @@ class Aggregator:
         step_size = self.cfg.meta_step_size_at(self.version)
         row = {"step": self.version + 1, "meta_step_size": step_size, "tasks": tasks}
         if tasks:
-            total = np.sum([p.delta for p in arrived], axis=0, dtype=np.float64)
-            self.outer.apply(torch.from_numpy((total / tasks).astype(np.float32)), step_size,
-                             self._mean_moment(arrived, tasks))
+            total = functools.reduce(operator.add, (p.total for p in arrived))
+            self.outer.apply_sum(total, step_size)
             self.counters.applied_tasks += tasks
             self.counters.staleness[0] += len(arrived)
             self.counters.rejected_in_a_row = 0
-            row.update(train_loss=sum(p.loss_sum for p in arrived) / tasks,
-                       train_accuracy=sum(p.accuracy_sum for p in arrived) / tasks, staleness=0.0)
+            row.update(train_loss=total.loss_sum / tasks, train_accuracy=total.accuracy_sum / tasks, staleness=0.0)
         else:
             self.counters.rejected_in_a_row += 1
         self.version += 1
@@ -151,14 +140,13 @@ class Aggregator:
         weight = 1.0 if self.cfg.staleness_weighting == "none" else 1.0 / (1.0 + staleness)
         step_size = self.cfg.meta_step_size_at(self.progress)
         # eps * w(s) * sum/meta_batch_size == eps * w(s) * (tasks/meta_batch_size) * mean
-        self.outer.apply(torch.from_numpy((p.delta / self.cfg.meta_batch_size).astype(np.float32)), step_size * weight,
-                         self._mean_moment([p], p.tasks))
+        self.outer.apply_sum(p.total, step_size * weight, per=self.cfg.meta_batch_size)
         self.counters.applied_tasks += p.tasks
         self.counters.staleness[staleness] += 1
         self.counters.rejected_in_a_row = 0
         self.version += 1
         return {"step": self.progress, "meta_step_size": step_size, "tasks": p.tasks,
-                "train_loss": p.loss_sum / p.tasks, "train_accuracy": p.accuracy_sum / p.tasks,
+                "train_loss": p.total.loss_sum / p.tasks, "train_accuracy": p.total.accuracy_sum / p.tasks,
                 "staleness": float(staleness)}
 
     def state(self) -> dict[str, Any]:

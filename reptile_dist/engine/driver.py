@@ -9,27 +9,23 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from typing import Any, Callable
 
 import numpy as np
 import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
-from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from reptile_dist.config import Config
-from reptile_dist.engine.adapt_worker import AdaptWorker, Workspace
-from reptile_dist.engine.cluster import ClusterError, engine_bundles, ray_cluster
-from reptile_dist.engine.parameter_server import ParameterServer
-from reptile_dist.evaluation import TaskScores, headline, summarize
+from reptile_dist.engine.actors import EngineActors
+from reptile_dist.engine.cluster import ray_cluster
+from reptile_dist.evaluation import combine_scores, headline, summarize
 from reptile_dist.reptile import InnerMoment
-from reptile_dist.training import RunSetup, Throughput, checkpoint_state, finish_run, periodic_split, setup_run
+from reptile_dist.training import (Cadence, RunSetup, Throughput, checkpoint_state, finish_run, periodic_split,
+                                   setup_run)
 
 TICK_S = 0.2
-PLACEMENT_TIMEOUT_S = 120
 
 
 class RunFailed(RuntimeError):
@@ -58,10 +54,10 @@ class EngineRun:
         self.progress = progress
         self.say = say
         self.on_log = on_log
-        self.run_id = uuid.uuid4().hex[:8]
         self.pending_evals: dict[Any, int] = {}
         self.window: list[dict[str, Any]] = []
-        self.next_log = 0
+        self.cadence = Cadence.of(cfg)
+        self.last_log = 0.0
         self.last_logged_wall = 0.0
         self.ps_generation = 0
         self.workers_replaced = 0
@@ -69,42 +65,18 @@ class EngineRun:
         self.redone_tasks = 0
 
     # --- actors -------------------------------------------------------------------------
-    def _placement(self):
-        pg = get_current_placement_group()
-        if pg is not None:  # a Tune trial reserved [trial] + engine_bundles for us
-            return pg, 1, False
-        bundles = engine_bundles(self.cfg)
-        pg = placement_group(bundles, strategy=self.cfg.placement)
-        ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        if not ready:
-            remove_placement_group(pg)
-            raise ClusterError(f"the cluster cannot place {len(bundles)} bundles {bundles} "
-                               f"within {PLACEMENT_TIMEOUT_S} s: {ray.available_resources()} available")
-        return pg, 0, True
-
-    def _in_bundle(self, index: int):
-        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offset + index,
-                                                placement_group_capture_child_tasks=False)
-
     def start_worker(self, w: int, generation: int = 0):
-        res = engine_bundles(self.cfg)[1]
-        return ray.remote(AdaptWorker).options(
-            name=f"worker-{self.run_id}-{w}" + (f"-r{generation}" if generation else ""), max_concurrency=3, num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
-            scheduling_strategy=self._in_bundle(1 + w),
-        ).remote(self.cfg.to_dict(), w)
+        return self.engine.worker(w, generation)
 
     def start_ps(self, theta: np.ndarray, outer_state: dict, version: int, applied_tasks: int):
         self.ps_generation += 1
-        return ray.remote(ParameterServer).options(
-            name=f"ps-{self.run_id}-{self.ps_generation}", num_cpus=0.5, max_concurrency=1000,
-            scheduling_strategy=self._in_bundle(0),
-        ).remote(self.cfg.to_dict(), theta, outer_state, version, applied_tasks)
+        return self.engine.parameter_server(theta, outer_state, version, applied_tasks, self.ps_generation)
 
     def start_actors(self, s: RunSetup) -> None:
         restored = s.restored or {}
         self.ps = self.start_ps(s.outer.theta.numpy(), s.outer.state_dict(), restored.get("version", s.start_step),
                                 restored.get("applied_tasks", s.start_step * self.cfg.meta_batch_size))
-        self.evaluator = ray.remote(Workspace).options(num_cpus=0.5, scheduling_strategy=self._in_bundle(0)).remote(self.cfg.to_dict())
+        self.evaluator = self.engine.evaluator()
         self.workers = [self.start_worker(w) for w in range(self.cfg.workers)]
         self.placements = ray.get([w.where.remote() for w in self.workers])  # also waits for data loading
 
@@ -115,8 +87,8 @@ class EngineRun:
         s = setup_run(cfg, self.out, self.resume, self.say)
         self.setup = s
         self.initial_outer = s.outer.state_dict()
-        self.next_log = (s.start_step // cfg.log_every + 1) * cfg.log_every
-        self.pg, self.offset, own_pg = self._placement()
+        self.last_log = float(s.start_step)
+        self.engine = EngineActors(cfg)
         try:
             self.start_actors(s)
             before_ref = None
@@ -149,7 +121,7 @@ class EngineRun:
                               moment)
         finally:
             s.run.flush_metrics()
-            self.shutdown(own_pg)
+            self.engine.close()
 
     def tasks_this_session(self, info: dict[str, Any]) -> int:
         return self.redone_tasks + info["counters"]["applied_tasks"] - self.session_start_tasks
@@ -232,7 +204,7 @@ class EngineRun:
         s.run.truncate_metrics(step)
         s.run.log({"step": step, "event": f"parameter server restored (redid {int(progress) - step} meta-steps)"})
         self.window = []
-        self.next_log = (step // self.cfg.log_every + 1) * self.cfg.log_every
+        self.last_log = float(step)
         self.pending_evals = {ref: st for ref, st in self.pending_evals.items() if st <= step}
         return {w.run.remote(self.ps): i for i, w in enumerate(self.workers)}
 
@@ -241,7 +213,7 @@ class EngineRun:
             tqdm.write(f"[ps] {message}") if self.progress else self.say(f"[ps] {message}")
         for row in info["rows"]:
             self.window.append(row)
-            if row["step"] >= self.next_log or info["done"] and row is info["rows"][-1]:
+            if self.cadence.log(self.last_log, row["step"]) or info["done"] and row is info["rows"][-1]:
                 self.log(info, s)
         for snap in info["snapshots"]:
             if snap["kind"] == "checkpoint":
@@ -279,8 +251,7 @@ class EngineRun:
             "ps_restarts": self.ps_generation - 1,
         }
         s.run.log(row)
-        while self.next_log <= row["step"]:
-            self.next_log += self.cfg.log_every
+        self.last_log = row["step"]
         if self.on_log is not None:
             self.on_log(row)
 
@@ -307,14 +278,4 @@ class EngineRun:
         theta_ref = ray.put(theta)
         parts = ray.get([a.score.remote(theta_ref, split, int(lo), int(hi), moment)
                          for a, lo, hi in zip(actors, bounds[:-1], bounds[1:]) if hi > lo])
-        total = TaskScores([], [], [])
-        for part in parts:
-            total = total + part
-        return summarize(total)
-
-    def shutdown(self, own_pg: bool) -> None:
-        for actor in [getattr(self, "ps", None), getattr(self, "evaluator", None), *getattr(self, "workers", [])]:
-            if actor is not None:
-                ray.kill(actor)
-        if own_pg:
-            remove_placement_group(self.pg)
+        return summarize(combine_scores(parts))

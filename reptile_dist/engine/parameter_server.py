@@ -14,7 +14,8 @@ import ray
 
 from reptile_dist.config import Config
 from reptile_dist.engine.aggregation import Aggregator, Push
-from reptile_dist.engine.wire import decode
+from reptile_dist.engine.wire import DeltaCodec, WireSum
+from reptile_dist.training import Cadence
 
 
 class ParameterServer:
@@ -22,6 +23,8 @@ class ParameterServer:
                  applied_tasks: int = 0):
         self.cfg = Config(**cfg)
         self.agg = Aggregator(self.cfg, theta, outer_state, version, applied_tasks)
+        self.codec = DeltaCodec(len(theta), self.cfg.carries_inner_moment, self.cfg.delta_dtype)
+        self.cadence = Cadence.of(self.cfg)
         self.rows: list[dict[str, Any]] = []
         self.snapshots: list[dict[str, Any]] = []
         self.started = time.perf_counter()
@@ -57,14 +60,14 @@ class ParameterServer:
             return None
         return [self._current_ref(), self.agg.version]
 
-    async def push(self, worker: int, version: int, delta: np.ndarray, tasks: int, loss_sum: float,
-                   accuracy_sum: float, moment: np.ndarray | None = None, moment_steps: float = 0.0) -> None:
+    async def push(self, worker: int, version: int, tasks: int, payload: WireSum | None) -> None:
+        """`payload`: the worker's DeltaSum as `DeltaCodec.encode` made it; None when the worker
+        found it non-finite and sent only the count."""
         t0 = time.perf_counter()
         if self.agg.done or self.stopped:
             return
-        payload = None if delta is None else decode(delta, self.cfg.delta_dtype)
-        moment = None if moment is None else moment.astype(np.float64, copy=False)
-        row = self.agg.push(Push(worker, version, payload, tasks, loss_sum, accuracy_sum, moment, moment_steps))
+        total = None if payload is None else self.codec.decode(payload)
+        row = self.agg.push(Push(worker, version, tasks, total))
         if row is not None:
             self._after_update(row)
         self.busy_s += time.perf_counter() - t0
@@ -83,15 +86,12 @@ class ParameterServer:
     def _after_update(self, row: dict[str, Any]) -> None:
         row["wall_s"] = time.perf_counter() - self.started
         self.rows.append(row)
-        before, now = int(self._last_progress), int(self.agg.progress)
-        self._last_progress = self.agg.progress
-        if now == before:
-            return
-        cfg = self.cfg
-        step = now
-        if (cfg.checkpoint_every and any(s % cfg.checkpoint_every == 0 for s in range(before + 1, now + 1))) or self.agg.done:
+        before, now = self._last_progress, self.agg.progress
+        self._last_progress = now
+        step = int(now)
+        if self.cadence.checkpoint(before, now):
             self.snapshots.append({"kind": "checkpoint", "step": step, "state": self.agg.state()})
-        if cfg.eval_every and any(s % cfg.eval_every == 0 for s in range(before + 1, now + 1)):
+        if self.cadence.evaluate(before, now):
             self.snapshots.append({"kind": "eval", "step": step, "theta": self.agg.theta.copy(),
                                    "moment": self.agg.outer.inner_moment})
 
