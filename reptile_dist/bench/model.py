@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 def tasks_per_push(mode: str, workers: int, meta_batch_size: int, configured: int = 0) -> int:
-    """Tasks the busiest worker sums into one push (AdaptWorker.shares)."""
+    """Tasks the busiest worker sums into one push (adapt_worker.worker_share)."""
     if mode == "async" and configured:
         return configured
     return math.ceil(meta_batch_size / workers)

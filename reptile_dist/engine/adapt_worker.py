@@ -23,6 +23,19 @@ from reptile_dist.training import LoopHooks, make_learner, set_torch_threads
 PUSH_LOG_LENGTH = 100_000  # the newest pushes kept for push_log()
 
 
+def worker_share(cfg: Config, index: int) -> list[int]:
+    """Task indices worker `index` adapts for each version it pulls.
+
+    sync: task i of the meta-step goes to worker i mod W, so the meta-batch is the local
+    trainer's whichever workers take it. async: `tasks_per_push` (default ceil(meta_batch_size
+    / W)) tasks of its own per push, indexed by worker, so two workers starting from one version
+    draw different tasks."""
+    if cfg.mode == "async":
+        per_push = cfg.tasks_per_push or math.ceil(cfg.meta_batch_size / cfg.workers)
+        return list(range(index * per_push, (index + 1) * per_push))
+    return list(range(index, cfg.meta_batch_size, cfg.workers))
+
+
 class Workspace:
     """A task family and a learner on this actor's device (its GPU when Ray assigned one)."""
 
@@ -57,19 +70,6 @@ class AdaptWorker(Workspace):
         self._learner_lock = threading.Lock()
         self._pushes: deque[tuple[float, float, int, int]] = deque(maxlen=PUSH_LOG_LENGTH)
 
-    def shares(self, version: int) -> list[int]:
-        """Task indices this worker adapts for `version`.
-
-        sync: task i of the meta-step goes to worker i mod W, so the meta-batch is the local
-        trainer's whichever workers take it. async: `tasks_per_push` (default ceil(meta_batch_size
-        / W)) tasks of its own per push, indexed by worker, so two workers starting from one version
-        draw different tasks."""
-        cfg = self.cfg
-        if cfg.mode == "async":
-            per_push = cfg.tasks_per_push or math.ceil(cfg.meta_batch_size / cfg.workers)
-            return list(range(self.index * per_push, (self.index + 1) * per_push))
-        return list(range(self.index, cfg.meta_batch_size, cfg.workers))
-
     def run(self, ps) -> dict[str, Any]:
         """Pull theta, adapt this worker's share, push the summed delta; until the PS says done."""
         cfg = self.cfg
@@ -86,7 +86,7 @@ class AdaptWorker(Workspace):
             pulled, carried = ray.get(theta_ref)
             theta = torch.tensor(pulled)  # object-store arrays are read-only: copy
             moment = InnerMoment.from_state(carried)
-            share = self.shares(version)
+            share = worker_share(cfg, self.index)
             if not share:
                 continue
             with self._learner_lock:

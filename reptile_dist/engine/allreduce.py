@@ -34,6 +34,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from reptile_dist.config import Config, ConfigError
+from reptile_dist.engine.adapt_worker import worker_share
 from reptile_dist.engine.cluster import ray_cluster, worker_resources
 from reptile_dist.engine.wire import DeltaCodec
 from reptile_dist.evaluation import TaskScores, combine_scores, headline, score_tasks, summarize
@@ -173,7 +174,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
                checkpoint_state(cfg, step, outer.state_dict(), before=before) if checkpoint else None,
                cfg.keep_checkpoints)
 
-    share = range(rank, cfg.meta_batch_size, world)  # as the PS sync mode shares a meta-step
+    share = worker_share(cfg, rank)  # as the PS sync mode shares a meta-step
     throughput = meta_train(cfg, learner, family, outer, start, share, evaluate_sharded, record, combine=combine,
                             hooks=hooks, worker=rank)
     test = evaluate_sharded("test", cfg.eval_tasks)
