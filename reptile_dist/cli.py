@@ -118,7 +118,7 @@ def cmd_eval(args) -> int:
     from reptile_dist.evaluation import evaluate, headline
     from reptile_dist.rundir import load_checkpoint
     from reptile_dist.reptile import InnerMoment
-    from reptile_dist.training import FINAL_FORMAT, make_learner
+    from reptile_dist.training import FINAL_FORMAT, make_learner, set_torch_threads
     from reptile_dist.config import Config
     from reptile_dist.tasks import build_family
     from torch.nn.utils import parameters_to_vector
@@ -132,10 +132,7 @@ def cmd_eval(args) -> int:
     if args.tasks:
         overrides["eval_tasks"] = args.tasks
     cfg = Config().replace(**state["config"]).replace(**overrides)
-    if cfg.torch_threads:
-        import torch
-
-        torch.set_num_threads(cfg.torch_threads)
+    set_torch_threads(cfg)
     family = build_family(cfg)
     learner = make_learner(cfg, family)
     learner.model.load_state_dict(state["model_state"])

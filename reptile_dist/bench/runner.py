@@ -8,6 +8,7 @@ between two PS drains (or the workers' push logs) taken at the window's ends.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter
