@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from reptile_dist.config import Config, ConfigError
 from reptile_dist.data.omniglot import IMAGE_SIZE, preprocess_image
 from reptile_dist.evaluation import non_transductive_outputs
+from reptile_dist.files import atomic_write
 from reptile_dist.models import build_model
 from reptile_dist.reptile import InnerMoment, Learner
 from reptile_dist.rundir import load_checkpoint, save_torch
@@ -115,21 +114,8 @@ def export_final(checkpoint_path: str, out_path: str | Path, overrides: dict | N
     if not isinstance(theta, torch.Tensor) or theta.numel() != expected:
         raise AdaptError(f"{checkpoint_path}: theta does not fit a {cfg.ways}-way {cfg.model} ({expected} parameters)")
     final = final_state(cfg, step, learner, theta.float(), moment)
-    _write_atomically(Path(out_path), save_torch(final))
+    atomic_write(out_path, save_torch(final))
     return final
-
-
-def _write_atomically(out: Path, data: bytes) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as sink:
-            sink.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model or a CSV is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _folder(path: str | Path, role: str) -> Path:
@@ -222,4 +208,4 @@ def to_table(predictions: list[Prediction]) -> str:
 
 
 def write_csv(predictions: list[Prediction], out: str | Path) -> None:
-    _write_atomically(Path(out), to_csv(predictions).encode())
+    atomic_write(out, to_csv(predictions).encode())

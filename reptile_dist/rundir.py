@@ -2,12 +2,14 @@
 
 Everything is written through pyarrow filesystems, so `--out` may be a local or shared folder or
 an `s3://` / `gs://` URI. Every file is written to a temporary name and then moved into place, so
-an interrupted write never replaces a good file with a broken one.
+an interrupted write never replaces a good file with a broken one (locally with `atomic_write`,
+which also syncs it to disk).
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 import yaml
 
 from reptile_dist.config import Config
+from reptile_dist.files import atomic_write
 
 CHECKPOINT_RE = re.compile(r"ckpt-(\d{8})\.pt$")
 # Keys that may differ between two invocations of the same run (resuming with another engine).
@@ -60,6 +63,10 @@ class RunDir:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         final = self.path(name)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            atomic_write(final, data)
+            return
+        # s3:// and gs:// (pyarrow offers no fsync there): a temporary object, then moved into place.
         tmp = f"{final}.tmp"
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
         with self.fs.open_output_stream(tmp) as f:
@@ -161,8 +168,6 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _abs(path: str) -> str:
-    import os
-
     return os.path.abspath(os.path.expanduser(path))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
-import tempfile
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -21,15 +21,16 @@ from dataclasses import dataclass
 from io import BytesIO
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-if TYPE_CHECKING:  # imported where used: decode workers must not pay for importing torch
-    from reptile_dist.tasks.images import ImageClass, ImageClasses
+# Decode workers re-import this module: nothing here may import torch (a test holds to it).
+from reptile_dist.data.classes import ImageClass, ImageClasses
+from reptile_dist.files import atomic_write
 
 DEFAULT_TABLE = "data/omniglot.arrow"
 DEFAULT_SOURCE_DIR = "data/omniglot"
@@ -228,34 +229,20 @@ def _decode_all(drawings: list[Drawing], workers: int, chunk: int = 1000) -> np.
     return np.frombuffer(data, dtype=np.uint8).reshape(len(drawings), IMAGE_SIZE, IMAGE_SIZE)
 
 
-def _write_atomically(batch: pa.RecordBatch, out: Path) -> None:
-    """Write to a temporary file beside `out`, then rename: `out` is whole or untouched."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as sink:
-            with pa.ipc.new_file(sink, batch.schema) as writer:  # uncompressed: memory-mappable
-                writer.write_batch(batch)
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_table(batch: pa.RecordBatch, out: Path) -> None:
+    def write(sink: BinaryIO) -> None:
+        with pa.ipc.new_file(sink, batch.schema) as writer:  # uncompressed: memory-mappable
+            writer.write_batch(batch)
+
+    atomic_write(out, write)
 
 
 def _download(url: str, dest: Path, timeout: float) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as sink, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(1 << 20):
-                sink.write(chunk)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def fetch(sink: BinaryIO) -> None:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            shutil.copyfileobj(response, sink, 1 << 20)
+
+    atomic_write(dest, fetch)
 
 
 def default_sources(folder: str | Path = DEFAULT_SOURCE_DIR, url: str = OFFICIAL_URL, timeout: float = 20.0) -> list[Path]:
@@ -299,7 +286,7 @@ def prepare_omniglot(sources: list[str | Path] | None, out: str | Path = DEFAULT
     }
     metadata = {"reptile_dist.format": FORMAT, "image_size": str(IMAGE_SIZE)}
     batch = pa.RecordBatch.from_pydict(columns).replace_schema_metadata(metadata)
-    _write_atomically(batch, out)
+    _write_table(batch, out)
     sets = {}
     for set_name in SETS:
         mine = [d for d in drawings if d.set == set_name]
@@ -377,8 +364,6 @@ def load_omniglot(
     val_characters: that many training characters (the last after a `seed` shuffle) move to
     "val", rotated like train.
     """
-    from reptile_dist.tasks.images import ImageClass, ImageClasses
-
     if split not in SPLITS:
         raise ValueError(f"split='{split}' is not one of {', '.join(SPLITS)}")
     path = Path(path)

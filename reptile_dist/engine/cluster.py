@@ -1,17 +1,22 @@
-"""Joining or starting a Ray cluster, and what the engine asks of it."""
+"""Joining or starting a Ray cluster, and what the engine asks of it.
+
+What the engine asks is one list of placement-group bundles (`placement_bundles`); the driver's
+placement group, a sweep trial's and the size of a local cluster are all derived from it.
+"""
 from __future__ import annotations
 
 import math
 import os
 import socket
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ray
 
 from reptile_dist.config import Config
 
 HEAD_RESOURCE = "reptile_head"  # advertised by the head node in cluster/ configs
+HEAD_SHARE = 0.01  # a token amount of HEAD_RESOURCE: it only pins a bundle to the head node
 NAMESPACE = "reptile-dist"
 
 
@@ -31,10 +36,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}") from None
-
-
-def logical_cpus_needed(cfg: Config) -> float:
-    return cfg.workers * cfg.cpus_per_worker + 1  # + one for the parameter server and evaluator
 
 
 @contextmanager
@@ -59,34 +60,57 @@ def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = Fa
         ray.shutdown()
 
 
+def local_cluster_cpus(cpus_needed: Callable[[bool], float]) -> int:
+    """Logical CPUs for a local cluster: the machine's cores, or more when `cpus_needed(cluster_has_gpus)`
+    asks for more. Ray finds the machine's GPUs only when it starts, so the larger of the two cases
+    counts. The parameter server and evaluator mostly wait, so oversubscribing the cores is intended."""
+    return max(os.cpu_count() or 1, math.ceil(max(cpus_needed(False), cpus_needed(True))))
+
+
 def ray_cluster(cfg: Config, address: str | None):
-    """`ray_session` for one run. A local cluster advertises at least enough logical CPUs for the
-    run's placement group: the parameter server and evaluator mostly wait, so oversubscribing the
-    cores is intended. Ray Train's placement-group cleaner polls the state API, which the
-    dashboard serves (on 127.0.0.1); without it, it logs a warning every second of an allreduce run."""
-    cpus = max(os.cpu_count() or 1, math.ceil(logical_cpus_needed(cfg)))
+    """`ray_session` for one run; a local cluster has room for the run's placement group. Ray
+    Train's placement-group cleaner polls the state API, which the dashboard serves (on
+    127.0.0.1); without it, it logs a warning every second of an allreduce run."""
+    cpus = local_cluster_cpus(lambda cluster_has_gpus: bundle_cpus(placement_bundles(cfg, cluster_has_gpus)))
     return ray_session(address, cpus, include_dashboard=cfg.mode == "allreduce")
+
+
+def placement_bundles(cfg: Config, cluster_has_gpus: bool, head_node: bool = False) -> list[dict[str, float]]:
+    """The engine's bundles on a cluster with or without GPUs and a head node (cluster/ configs).
+
+    Bundle 0: the parameter server and evaluator, sharing one CPU, on the head node when there is
+    one. Bundles 1..W: one adapt worker each, with `gpus_per_worker` GPUs and one CPU when the
+    cluster has GPUs (and the config asks for them), else `cpus_per_worker` CPUs.
+    """
+    server = {"CPU": 1.0, **head_pin(head_node)}
+    if cluster_has_gpus and cfg.gpus_per_worker > 0:
+        worker = {"CPU": 1.0, "GPU": cfg.gpus_per_worker}
+    else:
+        worker = {"CPU": cfg.cpus_per_worker}
+    return [server] + [dict(worker) for _ in range(cfg.workers)]
+
+
+def head_pin(head_node: bool) -> dict[str, float]:
+    return {HEAD_RESOURCE: HEAD_SHARE} if head_node else {}
+
+
+def bundle_cpus(bundles: list[dict[str, float]]) -> float:
+    return sum(bundle.get("CPU", 0.0) for bundle in bundles)
 
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def worker_resources(cfg: Config) -> dict[str, float]:
-    """One GPU (or the configured fraction) per worker when the cluster has GPUs, else CPUs."""
-    if cfg.gpus_per_worker > 0 and cluster_gpus() > 0:
-        return {"CPU": 1.0, "GPU": cfg.gpus_per_worker}
-    return {"CPU": cfg.cpus_per_worker}
-
-
-def server_resources() -> dict[str, float]:
-    """The parameter server and evaluator share one CPU, on the head node when it says so."""
-    res = {"CPU": 1.0}
-    if ray.cluster_resources().get(HEAD_RESOURCE, 0) > 0:
-        res[HEAD_RESOURCE] = 0.01
-    return res
+def cluster_has_head_node() -> bool:
+    return ray.cluster_resources().get(HEAD_RESOURCE, 0) > 0
 
 
 def engine_bundles(cfg: Config) -> list[dict[str, float]]:
-    """Bundle 0: parameter server + evaluator; bundles 1..W: one adapt worker each."""
-    return [server_resources()] + [worker_resources(cfg) for _ in range(cfg.workers)]
+    """The engine's bundles on the running cluster (see `placement_bundles`)."""
+    return placement_bundles(cfg, cluster_gpus() > 0, cluster_has_head_node())
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """One adapt worker's share of the running cluster (Ray Train's workers in an allreduce run)."""
+    return engine_bundles(cfg)[1]

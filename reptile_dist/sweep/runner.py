@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -21,17 +20,17 @@ import pyarrow.parquet as pq
 import yaml
 from ray import tune
 
-from reptile_dist.engine.cluster import ray_session
+from reptile_dist.engine.cluster import local_cluster_cpus, ray_session
 from reptile_dist.rundir import RunDir
 from reptile_dist.sweep.spec import SweepError, SweepSpec, cast
 from reptile_dist.sweep.trainable import trainable
 
 
 def sweep_cluster(spec: SweepSpec, address: str | None):
-    """Join `address`, use a running session, or start a local cluster that advertises enough
-    logical CPUs for `max_concurrent_trials` placement groups (the parameter servers and
-    drivers mostly wait, so oversubscribing the cores is intended)."""
-    return ray_session(address, max(os.cpu_count() or 1, math.ceil(spec.placement_cpus() * spec.max_concurrent_trials)))
+    """Join `address`, use a running session, or start a local cluster with room for
+    `max_concurrent_trials` placement groups."""
+    cpus = local_cluster_cpus(lambda cluster_has_gpus: spec.placement_cpus(cluster_has_gpus) * spec.max_concurrent_trials)
+    return ray_session(address, cpus)
 
 
 def run_sweep(spec: SweepSpec, out: str, address: str | None = None, resume: bool = False, verbose: int = 1,

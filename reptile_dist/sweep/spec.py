@@ -18,6 +18,7 @@ out of the field's range or a metric the periodic evaluation does not produce is
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 
 
 from reptile_dist.config import FIELDS, Config, ConfigError, load_config, read_yaml_mapping
+from reptile_dist.engine.cluster import bundle_cpus
+from reptile_dist.sweep.placement import trial_bundles
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 SCHEDULERS = ("asha", "pbt")
@@ -104,15 +107,19 @@ class SweepSpec:
         """num_samples times every grid's length (Tune repeats the grid per sample)."""
         return self.num_samples * math.prod(len(d.values) for d in self.space if d.kind == "grid")
 
-    def placement_cpus(self) -> float:
-        """Logical CPUs one trial's placement group asks for at most (no GPUs)."""
-        from reptile_dist.sweep.trainable import TRIAL_CPU
+    def placement_cpus(self, cluster_has_gpus: bool) -> float:
+        """Logical CPUs one trial's placement group asks for at most over the search space."""
 
-        def most(name):
+        def extremes(name):
             dim = next((d for d in self.space if d.field == name), None)
-            return max(dim.values) if dim else getattr(self.base, name)
+            return {min(dim.values), max(dim.values)} if dim else {getattr(self.base, name)}
 
-        return TRIAL_CPU + 1.0 + most("workers") * max(most("cpus_per_worker"), 1.0)  # a GPU worker takes 1 CPU
+        # A trial's CPUs grow with workers and cpus_per_worker; gpus_per_worker only counts as zero
+        # (CPU workers) or not, so the extremes of each searched value bound every trial.
+        corners = itertools.product(extremes("workers"), extremes("cpus_per_worker"), extremes("gpus_per_worker"))
+        return max(bundle_cpus(trial_bundles(self.base.replace(workers=w, cpus_per_worker=c, gpus_per_worker=g),
+                                             cluster_has_gpus))
+                   for w, c, g in corners)
 
 
 def cast(name: str, value: Any) -> Any:

@@ -1,6 +1,5 @@
-"""One Tune trial: the distributed engine (`train_ray`) inside the trial's placement group.
-
-    trial PG = [this function, TRIAL_CPU] + engine_bundles(cfg)   (driver uses bundle offset 1)
+"""One Tune trial: the distributed engine (`train_ray`) inside the trial's placement group
+(placement.py).
 
 Every `report_every` meta-steps the engine writes a checkpoint and evaluates on validation
 tasks; when that evaluation arrives, the trial reports it to Tune together with the checkpoint
@@ -17,29 +16,27 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
 
-from reptile_dist.engine.cluster import HEAD_RESOURCE, engine_bundles
+from reptile_dist.engine.cluster import cluster_gpus, cluster_has_head_node
 from reptile_dist.rundir import RunDir
+from reptile_dist.sweep.placement import trial_bundles
 from reptile_dist.sweep.spec import SweepSpec
 
-TRIAL_CPU = 0.01  # the trial's own actor only runs the driver loop
 CHECKPOINT_FILE = "engine.pt"
 
 
 def trainable(spec: SweepSpec):
-    """The function trainable with its placement group, ready for `tune.Tuner`."""
-    return tune.with_resources(tune.with_parameters(run_trial, spec=spec), lambda params: trial_resources(spec, params))
+    """The function trainable with its placement group on the running cluster, ready for `tune.Tuner`."""
+    return tune.with_resources(tune.with_parameters(run_trial, spec=spec),
+                               lambda params: trial_resources(spec, params, cluster_gpus() > 0, cluster_has_head_node()))
 
 
-def trial_resources(spec: SweepSpec, params: dict[str, Any]) -> tune.PlacementGroupFactory:
+def trial_resources(spec: SweepSpec, params: dict[str, Any], cluster_has_gpus: bool,
+                    head_node: bool) -> tune.PlacementGroupFactory:
     """Bundle 0: this function (the engine's driver); then the engine's own bundles."""
     cfg = spec.trial_config(params)
-    trial = {"CPU": TRIAL_CPU}
-    if ray.cluster_resources().get(HEAD_RESOURCE, 0) > 0:  # drivers live on the head node (cluster/)
-        trial[HEAD_RESOURCE] = 0.01
-    return tune.PlacementGroupFactory([trial] + engine_bundles(cfg), strategy=cfg.placement)
+    return tune.PlacementGroupFactory(trial_bundles(cfg, cluster_has_gpus, head_node), strategy=cfg.placement)
 
 
 def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reptile_dist.tasks.images import ImageClass, ImageClasses
+from reptile_dist.data.classes import ImageClass, ImageClasses
 
 
 def synthetic_classes(num_train: int = 64, num_test: int = 32, per_class: int = 20, size: int = 28, seed: int = 0) -> ImageClasses:

@@ -1,0 +1,37 @@
+"""Image classes: a table of images and, per split, the classes drawn from its rows.
+
+Numpy only: the data layer builds these and the task families sample from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageClass:
+    """A class: the table rows of one character, seen at one rotation (multiple of 90 degrees)."""
+
+    rows: np.ndarray
+    rotation: int = 0
+
+
+@dataclass
+class ImageClasses:
+    """Images (n, H, W) uint8, possibly memory-mapped, and the classes of each split."""
+
+    images: np.ndarray
+    splits: dict[str, list[ImageClass]]
+    image_size: int = 28
+
+    def check(self, ways: int, images_per_class: int, field: str = "shots + queries", splits: tuple[str, ...] | None = None) -> None:
+        """Raise ValueError naming `field` if a split (default: every split) cannot supply the tasks asked for."""
+        for name, classes in self.splits.items():
+            if not classes or (splits is not None and name not in splits):
+                continue
+            if ways > len(classes):
+                raise ValueError(f"ways={ways} is larger than the {len(classes)} classes of split '{name}'")
+            fewest = min(len(c.rows) for c in classes)
+            if images_per_class > fewest:
+                raise ValueError(f"{field} = {images_per_class} exceeds the {fewest} images per class of split '{name}'")
