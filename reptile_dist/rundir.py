@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from reptile_dist.config import Config
+from reptile_dist.config import RETIRED_FIELDS, Config
 from reptile_dist.files import atomic_write
 
 CHECKPOINT_RE = re.compile(r"ckpt-(\d{8})\.pt$")
@@ -164,7 +164,8 @@ def load_checkpoint(uri: str) -> dict[str, Any]:
 
 
 def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in RUN_INVARIANT_IGNORES}
+    # Retired keys that an older version wrote are not part of the run's identity.
+    return {k: v for k, v in cfg.items() if k not in RUN_INVARIANT_IGNORES and k not in RETIRED_FIELDS}
 
 
 def _abs(path: str) -> str:

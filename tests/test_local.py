@@ -94,3 +94,18 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
     warnings = []
     state = RunDir(str(out)).latest_checkpoint(warn=warnings.append)
     assert state["step"] == 2 and "ckpt-00000004" in warnings[0]
+
+
+def test_a_run_written_with_the_retired_straggler_keys_still_resumes(tmp_path):
+    import yaml
+
+    cfg = tiny("synthetic", meta_iters=4, checkpoint_every=2)
+    out = tmp_path / "run"
+    train_local(cfg, str(out), **quiet)
+    (out / "final.pt").unlink()
+    (out / "checkpoints" / "ckpt-00000004.pt").unlink()
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    recorded.update(straggler_factor=1.0, straggler_worker=0)  # what every config.yaml held before they retired
+    (out / "config.yaml").write_text(yaml.safe_dump(recorded))
+    summary = train_local(cfg, str(out), resume=True, **quiet)
+    assert summary["meta_iters"] == 4 and (out / "final.pt").exists()
