@@ -22,7 +22,8 @@ CAPACITY_COLUMNS = [
     ("push_latency_median_ms", "push ms (median)"), ("mb_per_s", "MB/s"), ("load_1m", "load"),
 ]
 MODEL_COLUMNS = [
-    ("preset", "preset"), ("params", "params"), ("worker_tasks_per_s", "worker tasks/s"), ("delta_dtype", "delta"),
+    ("preset", "preset"), ("params", "params"), ("inner_state", "inner state"), ("worker_tasks_per_s", "worker tasks/s"),
+    ("delta_dtype", "delta"),
     ("capacity_pushes_per_s", "PS deltas/s"), ("sync_max_workers", "sync: max W"),
     ("async_max_workers", "async: max W"), ("async_presum_max_workers", "async, tasks_per_push=B: max W"),
 ]

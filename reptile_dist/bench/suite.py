@@ -102,7 +102,7 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
                                            list(plan.capacity_pushers), plan.capacity_seconds, 1.0, say)
             for preset in plan.model_presets:
                 if preset not in rates:
-                    pcfg = _with_absolute_data(load_config(preset))
+                    pcfg = _with_absolute_data(load_config(preset, {k: v for k, v in plan.overrides.items() if k == "data"}))
                     rates[preset] = measure_local(pcfg, build_family(pcfg), plan.capacity_seconds, 2.0)
                     say(f"{preset}: one worker adapts {rates[preset]:.1f} tasks/s")
     return write_outputs(plan, out, command, engine_rows, capacity_rows, scaling_model(plan, capacity_rows, rates))
@@ -140,20 +140,25 @@ def add_efficiencies(rows: list[dict[str, Any]]) -> None:
 
 
 def scaling_model(plan: BenchPlan, capacity_rows: list[dict[str, Any]], rates: dict[str, float]) -> list[dict[str, Any]]:
-    """Each preset's worker limit for one PS, from the capacity measured at its model size."""
+    """Each preset's worker limit for one PS, from the capacity measured at its model size (twice
+    it with carried inner state). Every preset takes the data the user named (`--set data=...`)."""
+    overrides = {k: v for k, v in plan.overrides.items() if k == "data"}
     rows = []
     for preset in plan.model_presets if capacity_rows else ():
-        cfg = load_config(preset)
+        cfg = load_config(preset, overrides)
         params = sum(p.numel() for p in build_model(cfg.model, cfg.ways, 28).parameters())
+        # With carried inner state a push holds the estimates' sum beside the delta, and a pull the
+        # estimate beside theta: the PS moves twice the vector, as a model twice the size would.
+        wire_params = params * (2 if cfg.carries_inner_moment else 1)
         rate, batch = rates[preset], cfg.meta_batch_size
         for dtype in plan.capacity_dtypes:
             best: dict[int, float] = {}
             for r in capacity_rows:
                 if r["delta_dtype"] == dtype:
                     best[r["params"]] = max(best.get(r["params"], 0.0), r["pushes_per_s"])
-            capacity = model.capacity_at(params, list(best), list(best.values()))
+            capacity = model.capacity_at(wire_params, list(best), list(best.values()))
             rows.append({
-                "preset": preset, "params": params, "worker_tasks_per_s": rate, "meta_batch_size": batch,
+                "preset": preset, "params": params, "inner_state": cfg.inner_state, "worker_tasks_per_s": rate, "meta_batch_size": batch,
                 "delta_dtype": dtype, "capacity_pushes_per_s": capacity,
                 "sync_max_workers": model.max_workers(capacity, rate, "sync", batch),
                 "async_max_workers": model.max_workers(capacity, rate, "async", batch),
@@ -182,7 +187,8 @@ def write_outputs(plan: BenchPlan, out: Path, command: str, engine_rows, capacit
         written["model.parquet"] = write_parquet(model_rows, out / "model.parquet")
         sections.append(("Scaling model: adapt workers one parameter server can feed",
                          "Worker tasks/s: one process, one thread, as an adapt worker runs here. max W: the largest "
-                         "worker count whose pushes/s one PS absorbs (reptile_dist/bench/model.py).\n\n"
+                         "worker count whose pushes/s one PS absorbs (reptile_dist/bench/model.py). PS deltas/s: the "
+                         "capacity at the size a push moves (twice the parameters with carried inner state).\n\n"
                          + markdown_table(model_rows, MODEL_COLUMNS)))
     write_markdown(sections, out / "bench.md")
     written["bench.md"] = out / "bench.md"
