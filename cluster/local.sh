@@ -7,22 +7,29 @@
 #   cluster/local.sh status   `ray status` and the number of alive nodes
 #   cluster/local.sh down     stop this cluster's processes (safe when nothing runs)
 #
-# Settings (environment): REPTILE_RAY_PORT (6379), REPTILE_RAY_TEMP_DIR (/tmp/reptile-dist-ray),
-# REPTILE_HEAD_CPUS (2), REPTILE_WORKER_CPUS (1), REPTILE_OBJECT_STORE_MB (512 per node),
-# REPTILE_DASHBOARD_PORT (8265: dashboard and job API), REPTILE_RAY_CLIENT_PORT (10001),
-# REPTILE_AGENT_PORT (52365: the head's dashboard agent; worker node i takes the port + i).
+# Settings (environment): REPTILE_RAY_PORT (6379), REPTILE_RAY_TEMP_DIR (the cluster's private
+# directory, mode 700, by default $XDG_RUNTIME_DIR/reptile-local or else ~/.cache/reptile-local:
+# Ray's temp dirs, the log and the head's address live under it), REPTILE_HEAD_CPUS (2),
+# REPTILE_WORKER_CPUS (1), REPTILE_OBJECT_STORE_MB (512 per node), REPTILE_DASHBOARD_PORT (8265:
+# dashboard and job API), REPTILE_RAY_CLIENT_PORT (10001), REPTILE_AGENT_PORT (52365: the head's
+# dashboard agent; worker node i takes the port + i).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PORT="${REPTILE_RAY_PORT:-6379}"
-TEMP_DIR="${REPTILE_RAY_TEMP_DIR:-/tmp/reptile-dist-ray}"
+# The cluster's files live in a directory only this user can enter: at a fixed /tmp path another
+# user could create it first, read the logs, or plant the head address that `status` would
+# connect to with the token. Ray makes its own temp dir world-writable (0777), so Ray's is a
+# subdirectory.
+STATE_DIR="${REPTILE_RAY_TEMP_DIR:-${XDG_RUNTIME_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}}/reptile-local}"
+TEMP_DIR="$STATE_DIR/ray"
 HEAD_CPUS="${REPTILE_HEAD_CPUS:-2}"
 WORKER_CPUS="${REPTILE_WORKER_CPUS:-1}"
 OBJECT_STORE_BYTES=$(( ${REPTILE_OBJECT_STORE_MB:-512} * 1024 * 1024 ))
 DASHBOARD_PORT="${REPTILE_DASHBOARD_PORT:-8265}"
 CLIENT_PORT="${REPTILE_RAY_CLIENT_PORT:-10001}"
 AGENT_PORT="${REPTILE_AGENT_PORT:-52365}"
-LOG="$TEMP_DIR/local-sh.log"
+LOG="$STATE_DIR/local-sh.log"
 
 # Ray 2.60 rejects a node or client without the cluster's token (InvalidAuthToken after 20 s),
 # so everything started or queried from here runs in token mode.
@@ -43,6 +50,28 @@ PYTHON="$(dirname "$RAY")/python"
 # `ray job submit ... -- reptile-dist train ...` finds the program (and python) installed beside
 # that ray, as on the cloud clusters, without activating the virtualenv first.
 export PATH="$(dirname "$RAY"):$PATH"
+
+# Creates STATE_DIR, or checks the one there: it must be a directory of this user's, not a link.
+# Every command runs this before it reads anything inside.
+ensure_state_dir() {
+  if [[ ! -e "$STATE_DIR" && ! -L "$STATE_DIR" ]]; then
+    (umask 077 && mkdir -p "$STATE_DIR") || die "cannot create $STATE_DIR; set REPTILE_RAY_TEMP_DIR"
+  fi
+  if [[ -L "$STATE_DIR" || ! -d "$STATE_DIR" || ! -O "$STATE_DIR" ]]; then
+    die "$STATE_DIR is not this user's own directory; set REPTILE_RAY_TEMP_DIR to another path"
+  fi
+  chmod 700 "$STATE_DIR"
+}
+
+# Ray puts its unix sockets at <node temp dir>/session_<date>_<time>_<pid>/sockets/plasma_store
+# and a socket path holds at most 107 bytes; that tail takes 64 of them (with a 7-digit pid).
+check_socket_room() {
+  local n="$1" longest="$TEMP_DIR" most=$((107 - 64)) LC_ALL=C
+  (( n == 0 )) || longest="$TEMP_DIR/node-$n"
+  if (( ${#longest} > most )); then
+    die "$longest is too long for Ray's socket paths (${#longest} bytes, at most $most); shorten REPTILE_RAY_TEMP_DIR"
+  fi
+}
 
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
@@ -118,8 +147,10 @@ EOF
 cmd_up() {
   local n="${1:-1}" t0 t address i
   [[ "$n" =~ ^[0-9]+$ ]] || die "N (worker nodes) must be a whole number, got '$n'"
+  ensure_state_dir
+  check_socket_room "$n"
   if [[ -n "$(cluster_pids)" ]]; then
-    echo "A local Ray cluster is already running under $TEMP_DIR; 'down' first to change its size."
+    echo "A local Ray cluster is already running under $STATE_DIR; 'down' first to change its size."
     print_usage_hint "$(head_address)"
     return 0
   fi
@@ -164,8 +195,9 @@ cmd_up() {
 }
 
 cmd_status() {
+  ensure_state_dir
   if [[ -z "$(cluster_pids)" ]]; then
-    echo "No local Ray cluster running under $TEMP_DIR."
+    echo "No local Ray cluster running under $STATE_DIR."
     return 0
   fi
   local address
@@ -199,9 +231,10 @@ stop_pids() {
 
 cmd_down() {
   local pids p raylets=() gcs=() rest=() t0
+  ensure_state_dir
   pids=$(cluster_pids)
   if [[ -z "$pids" ]]; then
-    echo "No local Ray cluster running under $TEMP_DIR."
+    echo "No local Ray cluster running under $STATE_DIR."
     return 0
   fi
   t0=$(now)

@@ -1,17 +1,20 @@
 """The files in cluster/: they parse, Ray accepts them, and they keep the cluster closed.
 
 No network and no cloud: launcher configs go through Ray's own schema and config
-preparation, KubeRay manifests and the runtime environment are checked field by field,
-local.sh is run only where it needs no Ray (usage, `down` with nothing running).
+preparation, KubeRay manifests, the NetworkPolicy and the runtime environment are checked field
+by field (the policy against the labels KubeRay gives the pods), local.sh is run only where it
+needs no Ray (usage, `down` with nothing running, `up` refused before it starts anything).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import shlex
 import stat
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,12 +22,22 @@ import ray
 import yaml
 from ray.runtime_env import RuntimeEnv
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+from reptile_dist.engine.cluster import HEAD_RESOURCE
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
 LAUNCHER_CONFIGS = ["aws.yaml", "gcp.yaml"]
 KUBERAY_MANIFESTS = ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"]
+NETWORK_POLICY = "kuberay/networkpolicy.yaml"
+RAY_UID, RAY_GID = 1000, 100  # user `ray` and its group `users` in the rayproject/ray images
+JOB_API_PORT = [{"port": 8265, "protocol": "TCP"}]
+# The sources networkpolicy.yaml admits to the head's job API besides the cluster's own pods.
+CLIENT_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "REPLACE_ME_CLIENT_NAMESPACE"}},
+               "podSelector": {"matchLabels": {"reptile-dist/ray-client": "true"}}}
+OPERATOR_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
 RAY_PORTS = {6379, 8265, 10001}  # GCS, dashboard/job API, Ray Client
 WORLD = {"0.0.0.0/0", "::/0"}
-HEAD_RESOURCE = "reptile_head"
 
 
 def load(name: str) -> dict:
@@ -81,12 +94,140 @@ def cluster_spec(manifest: dict) -> dict:
     return manifest["spec"]["rayClusterSpec"] if manifest["kind"] == "RayJob" else manifest["spec"]
 
 
+def pod_templates(manifest: dict) -> dict[str, dict]:
+    """Every pod template a manifest defines: the head, each worker group, a RayJob's submitter."""
+    spec = cluster_spec(manifest)
+    pods = {"head": spec["headGroupSpec"]["template"]}
+    pods |= {f"worker group {g['groupName']}": g["template"] for g in spec["workerGroupSpecs"]}
+    if manifest["kind"] == "RayJob":
+        pods["submitter"] = manifest["spec"]["submitterPodTemplate"]
+    return pods
+
+
+def kuberay_containers(manifest: dict) -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, container) for every container the manifest makes KubeRay run, the
+    autoscaler it adds to the head pod included (its settings come from autoscalerOptions)."""
+    found = []
+    for role, template in pod_templates(manifest).items():
+        pod = template["spec"]
+        for c in pod["containers"] + pod.get("initContainers", []):
+            found.append((f"{role}: {c['name']}", pod, c))
+    spec = cluster_spec(manifest)
+    if spec.get("enableInTreeAutoscaling"):
+        options = spec.get("autoscalerOptions", {})
+        autoscaler = {"name": "autoscaler", "securityContext": options.get("securityContext", {}),
+                      "volumeMounts": options.get("volumeMounts", [])}
+        found.append(("head: autoscaler", spec["headGroupSpec"]["template"]["spec"], autoscaler))
+    return found
+
+
+def unsafe_settings(pod: dict, container: dict) -> list[str]:
+    """What keeps a container from running as the unprivileged `ray` user on a read-only root
+    with a private, writable /tmp (Ray's /tmp/ray lives there)."""
+    problems = []
+    pod_context = pod.get("securityContext", {})
+    context = {**pod_context, **container.get("securityContext", {})}  # the container's win
+    for key, wanted in [("runAsNonRoot", True), ("runAsUser", RAY_UID), ("runAsGroup", RAY_GID),
+                        ("allowPrivilegeEscalation", False), ("readOnlyRootFilesystem", True),
+                        ("seccompProfile", {"type": "RuntimeDefault"})]:
+        if context.get(key) != wanted:
+            problems.append(f"{key} is {context.get(key)!r}, not {wanted!r}")
+    if context.get("privileged"):
+        problems.append("privileged")
+    capabilities = context.get("capabilities", {})
+    if capabilities.get("drop") != ["ALL"] or capabilities.get("add"):
+        problems.append(f"capabilities {capabilities}, not drop [ALL]")
+    if pod_context.get("fsGroup") != RAY_GID:
+        problems.append(f"pod fsGroup is {pod_context.get('fsGroup')!r}")
+    if any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")):
+        problems.append("shares a host namespace")
+    tmp = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    if not tmp or "emptyDir" not in volumes.get(tmp[0], {}):
+        problems.append("no emptyDir at /tmp")
+    return problems
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # matchExpressions: none here, so not modelled
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def ray_pod_labels(template: dict, cluster_name: str, node_type: str, group: str) -> dict:
+    """The labels KubeRay gives a Ray pod: the template's, except that it sets these keys itself."""
+    return {**template.get("metadata", {}).get("labels", {}), "ray.io/cluster": cluster_name,
+            "ray.io/node-type": node_type, "ray.io/group": group, "ray.io/is-ray-node": "yes",
+            "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+
+
+def cluster_pods(manifest: dict) -> dict[str, dict]:
+    """Labels of the Ray pods the manifest makes, by role. A RayJob's cluster is named
+    <job>-<5 random characters>, so nothing may rely on that name."""
+    name = manifest["metadata"]["name"]
+    cluster_name = f"{name}-x7k2q" if manifest["kind"] == "RayJob" else name
+    spec = cluster_spec(manifest)
+    pods = {"head": ray_pod_labels(spec["headGroupSpec"]["template"], cluster_name, "head", "headgroup")}
+    for g in spec["workerGroupSpecs"]:
+        pods[f"worker {g['groupName']}"] = ray_pod_labels(g["template"], cluster_name, "worker", g["groupName"])
+    return pods
+
+
+def submitter_pod(manifest: dict) -> dict:
+    """Labels of a RayJob's submitter pod: the template's plus those of the Job KubeRay names after it."""
+    name = manifest["metadata"]["name"]
+    labels = manifest["spec"]["submitterPodTemplate"].get("metadata", {}).get("labels", {})
+    return {**labels, "batch.kubernetes.io/job-name": name, "job-name": name}
+
+
+def admitted(policies: list[dict], pod: dict) -> list[dict] | None:
+    """The ingress rules that apply to a pod with these labels; None when no policy isolates it."""
+    chosen = [p for p in policies if selects(p["spec"]["podSelector"], pod) and "Ingress" in p["spec"]["policyTypes"]]
+    return [rule for p in chosen for rule in p["spec"].get("ingress", [])] if chosen else None
+
+
+def pinning_problem(image: str) -> str | None:
+    """Why an image reference can change under a cluster: no tag (= latest), a tag that is no
+    exact version (latest, nightly, 2.60-py311), a malformed digest. None when pinned."""
+    name, _, digest = image.partition("@")
+    if digest:
+        return None if re.fullmatch(r"sha256:[0-9a-f]{64}", digest) else f"{image}: malformed digest"
+    last = name.rsplit("/", 1)[-1]  # a registry's port is not a tag
+    if ":" not in last:
+        return f"{image}: no tag, which means latest"
+    tag = last.split(":", 1)[1]
+    if not re.fullmatch(r"\d+\.\d+\.\d+(-[\w.-]+)?", tag):
+        return f"{image}: {tag} is not an exact version"
+    return None
+
+
+def shipped_images() -> dict[str, list[str]]:
+    """Every container image the files in cluster/ name, by file."""
+    images = {"Dockerfile": re.findall(r"^FROM\s+(\S+)", (CLUSTER / "Dockerfile").read_text(), flags=re.M)}
+    for name in LAUNCHER_CONFIGS:
+        docker = load(name)["docker"]
+        images[name] = [docker[k] for k in ("image", "head_image", "worker_image") if k in docker]
+    for name in KUBERAY_MANIFESTS:
+        images[name] = [node["image"] for node in walk(load(name)) if isinstance(node, dict) and "image" in node]
+    return images
+
+
+def local_sh(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CLUSTER / "local.sh"), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def private_home(tmp_path: Path) -> dict:
+    """An environment whose HOME is tmp_path and that names no state directory of its own."""
+    names = {"XDG_RUNTIME_DIR", "XDG_CACHE_HOME", "REPTILE_RAY_TEMP_DIR", "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    return dict(env, HOME=str(tmp_path))
+
+
 # --- every file ---------------------------------------------------------------------------
 
 def test_every_shipped_yaml_parses_into_mappings():
     files = sorted(CLUSTER.rglob("*.yaml"))
     names = {str(f.relative_to(CLUSTER)) for f in files}
-    assert set(LAUNCHER_CONFIGS + KUBERAY_MANIFESTS + ["runtime_env.yaml"]) <= names
+    assert set(LAUNCHER_CONFIGS + KUBERAY_MANIFESTS + [NETWORK_POLICY, "runtime_env.yaml"]) <= names
     for f in files:
         docs = list(yaml.safe_load_all(f.read_text()))
         assert docs and all(isinstance(d, dict) and d for d in docs), f
@@ -249,11 +390,109 @@ def test_kuberay_gpu_workers_request_a_gpu_and_tolerate_the_gpu_taint(name):
 
 def test_kuberay_manifests_describe_the_same_cluster_with_one_image():
     raycluster, rayjob = load("kuberay/raycluster.yaml"), load("kuberay/rayjob.yaml")
-    assert rayjob["spec"]["rayClusterSpec"] == raycluster["spec"]
-    spec = raycluster["spec"]
-    images = {c["image"] for c in containers(spec["headGroupSpec"]["template"])}
-    images |= {c["image"] for g in spec["workerGroupSpecs"] for c in containers(g["template"])}
+    # The RayJob's pods carry one label more, which its NetworkPolicy finds them by.
+    job_cluster = copy.deepcopy(rayjob["spec"]["rayClusterSpec"])
+    for template in [job_cluster["headGroupSpec"]["template"]] + [g["template"] for g in job_cluster["workerGroupSpecs"]]:
+        assert template.pop("metadata") == {"labels": {"reptile-dist/ray-job": rayjob["metadata"]["name"]}}
+    assert job_cluster == raycluster["spec"]
+    images = {image for name in KUBERAY_MANIFESTS for image in shipped_images()[name]}
     assert len(images) == 1, images
+
+
+@pytest.mark.parametrize("name", KUBERAY_MANIFESTS)
+def test_every_kuberay_container_runs_unprivileged_on_a_read_only_root(name):
+    found = kuberay_containers(load(name))
+    assert {where.split(":")[0] for where, _, _ in found} >= {"head", "worker group gpu"}
+    assert any(where == "head: autoscaler" for where, _, _ in found)
+    assert name != "kuberay/rayjob.yaml" or any(where.startswith("submitter") for where, _, _ in found)
+    problems = {where: unsafe_settings(pod, c) for where, pod, c in found}
+    assert not any(problems.values()), problems
+
+
+def test_security_check_catches_each_unsafe_setting():
+    pod = load("kuberay/raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert unsafe_settings(pod, container) == []
+    as_root = dict(container, securityContext=dict(container["securityContext"], runAsUser=0))
+    escalating = dict(container, securityContext=dict(container["securityContext"], allowPrivilegeEscalation=True))
+    net_raw = dict(container, securityContext=dict(container["securityContext"],
+                                                   capabilities={"drop": ["ALL"], "add": ["NET_RAW"]}))
+    writable_root = dict(container, securityContext=dict(container["securityContext"], readOnlyRootFilesystem=False))
+    no_tmp = dict(container, volumeMounts=[])
+    unconfined = dict(pod, securityContext=dict(pod["securityContext"], seccompProfile={"type": "Unconfined"}))
+    for bad in (as_root, escalating, net_raw, writable_root, no_tmp):
+        assert unsafe_settings(pod, bad), bad
+    assert unsafe_settings(unconfined, container)
+    assert unsafe_settings(dict(pod, hostNetwork=True), container)
+
+
+# --- NetworkPolicy ------------------------------------------------------------------------
+
+def test_network_policies_are_ingress_policies_for_the_shipped_clusters():
+    policies = list(yaml.safe_load_all((CLUSTER / NETWORK_POLICY).read_text()))
+    assert policies
+    assert all(p["apiVersion"] == "networking.k8s.io/v1" and p["kind"] == "NetworkPolicy" for p in policies)
+    pods = [labels for name in KUBERAY_MANIFESTS for labels in cluster_pods(load(name)).values()]
+    for p in policies:
+        assert "Ingress" in p["spec"]["policyTypes"], p["metadata"]["name"]
+        # Each selects Ray pods of a shipped manifest: a rename there would leave it guarding nothing.
+        assert any(selects(p["spec"]["podSelector"], labels) for labels in pods), p["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", KUBERAY_MANIFESTS)
+def test_network_policy_admits_only_the_cluster_itself_and_listed_job_api_clients(name):
+    manifest = load(name)
+    policies = list(yaml.safe_load_all((CLUSTER / NETWORK_POLICY).read_text()))
+    pods = cluster_pods(manifest)
+    # Pods that are not of this cluster: the other manifest's, a RayJob's submitter, anyone's.
+    others = [labels for other in KUBERAY_MANIFESTS if other != name for labels in cluster_pods(load(other)).values()]
+    others += [submitter_pod(load("kuberay/rayjob.yaml")), {"app": "something-else"}, {}]
+    expected = [CLIENT_PEER]
+    if manifest["kind"] == "RayJob":
+        submitter = {"podSelector": {"matchLabels": {"batch.kubernetes.io/job-name": manifest["metadata"]["name"]}}}
+        expected += [submitter, OPERATOR_PEER]
+
+    def same_cluster(peer: dict) -> bool:
+        return (set(peer) == {"podSelector"} and all(selects(peer["podSelector"], labels) for labels in pods.values())
+                and not any(selects(peer["podSelector"], labels) for labels in others))
+
+    for role, labels in pods.items():
+        rules = admitted(policies, labels)
+        assert rules, f"no policy isolates the {role} pod"
+        outside = []
+        for rule in rules:
+            assert rule.get("from"), f"{role}: a rule without `from` admits every source"
+            if all(same_cluster(peer) for peer in rule["from"]):
+                continue  # the cluster's own pods, on any port: Ray picks most of its ports at start
+            assert role == "head", f"{role} admits {rule['from']}"
+            assert rule.get("ports") == JOB_API_PORT, rule
+            outside += rule["from"]
+        assert any(all(same_cluster(peer) for peer in rule["from"]) for rule in rules), f"{role} shuts out its own cluster"
+        if role == "head":
+            assert sorted(json.dumps(peer, sort_keys=True) for peer in outside) == sorted(
+                json.dumps(peer, sort_keys=True) for peer in expected)
+
+
+# --- images -------------------------------------------------------------------------------
+
+def test_every_image_is_pinned_to_an_exact_version_or_digest():
+    images = shipped_images()
+    assert all(images.values()), images
+    problems = [pinning_problem(image) for found in images.values() for image in found]
+    assert not any(problems), problems
+    # The image built from cluster/Dockerfile carries the package's own version.
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    ours = {image for name in KUBERAY_MANIFESTS for image in images[name]}
+    assert ours == {f"REPLACE_ME_REGISTRY/reptile-dist:{version}"}, ours
+
+
+def test_pinning_check_catches_floating_references():
+    for floating in ["rayproject/ray", "rayproject/ray:latest", "rayproject/ray:2.60-py311",
+                     "rayproject/ray:nightly-py311-gpu", "registry.example:5000/reptile-dist", "rayproject/ray@sha256:abc"]:
+        assert pinning_problem(floating), floating
+    for pinned in ["rayproject/ray:2.60.0-py311-gpu", "registry.example:5000/reptile-dist:0.1.0",
+                   "rayproject/ray@sha256:" + "0" * 64]:
+        assert pinning_problem(pinned) is None, pinned
 
 
 def test_rayjob_trains_against_its_own_cluster_and_cleans_up():
@@ -302,7 +541,7 @@ def test_local_sh_is_valid_strict_bash():
     text = script.read_text()
     assert "set -euo pipefail" in text
     assert "export RAY_AUTH_MODE=token" in text
-    assert '--resources=\'{"reptile_head": 100}\'' in text
+    assert f'--resources=\'{{"{HEAD_RESOURCE}": 100}}\'' in text
     # Worker nodes unpack runtime environments under their own temp dir: sharing the head's let
     # a job's working_dir be replaced under its running driver (seen with ray job submit).
     assert '--temp-dir="$TEMP_DIR/node-$i"' in text
@@ -319,9 +558,54 @@ def test_local_sh_rejects_unknown_commands_with_usage():
 
 def test_local_sh_down_with_nothing_running_succeeds(tmp_path):
     env = dict(os.environ, REPTILE_RAY_TEMP_DIR=str(tmp_path / "no-cluster"))
-    result = subprocess.run([str(CLUSTER / "local.sh"), "down"], capture_output=True, text=True, env=env)
+    result = local_sh("down", env=env)
     assert result.returncode == 0, result.stderr
     assert "No local Ray cluster" in result.stdout
+
+
+def test_local_sh_names_no_fixed_tmp_path():
+    code = [line for line in (CLUSTER / "local.sh").read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in code if "/tmp" in line]
+    text = "\n".join(code)
+    assert '(umask 077 && mkdir -p "$STATE_DIR")' in text
+    # Ray makes its temp dir world-writable, so it sits inside the private one.
+    assert 'TEMP_DIR="$STATE_DIR/ray"' in text and '--temp-dir="$TEMP_DIR"' in text
+
+
+def test_local_sh_keeps_its_state_in_a_private_directory_under_home(tmp_path):
+    result = local_sh("down", env=private_home(tmp_path))
+    assert result.returncode == 0, result.stderr
+    state = tmp_path / ".cache" / "reptile-local"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert str(state) in result.stdout
+
+
+def test_local_sh_prefers_the_runtime_dir_and_closes_an_open_one(tmp_path):
+    runtime = tmp_path / "run"
+    (runtime / "reptile-local").mkdir(parents=True, mode=0o755)
+    (runtime / "reptile-local").chmod(0o755)
+    result = local_sh("status", env=dict(private_home(tmp_path), XDG_RUNTIME_DIR=str(runtime)))
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((runtime / "reptile-local").stat().st_mode) == 0o700
+    assert not (tmp_path / ".cache").exists()
+
+
+def test_local_sh_refuses_a_state_directory_that_is_a_link(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "state").symlink_to(elsewhere)
+    result = local_sh("down", env=dict(private_home(tmp_path), REPTILE_RAY_TEMP_DIR=str(tmp_path / "state")))
+    assert result.returncode == 1 and "is not this user's own directory" in result.stderr
+
+
+def test_local_sh_up_refuses_a_path_too_long_for_rays_sockets_before_starting_anything(tmp_path):
+    env = dict(private_home(tmp_path), REPTILE_RAY_TEMP_DIR=str(tmp_path / ("x" * 40)))
+    try:
+        result = local_sh("up", "1", env=env)
+        assert result.returncode == 1 and "too long for Ray's socket paths" in result.stderr, result.stderr
+        assert not (tmp_path / ".ray").exists()  # no token generated: it stopped before any `ray`
+    finally:
+        local_sh("down", env=env)
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
