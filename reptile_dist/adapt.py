@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from reptile_dist.config import Config, ConfigError
 from reptile_dist.data.omniglot import IMAGE_SIZE, preprocess_image
+from reptile_dist.errors import UserError
 from reptile_dist.evaluation import non_transductive_outputs
 from reptile_dist.files import atomic_write
 from reptile_dist.models import build_model
@@ -30,9 +32,15 @@ from reptile_dist.training import CHECKPOINT_FORMAT, FINAL_FORMAT, final_state
 IMAGE_FAMILIES = ("omniglot", "synthetic")  # both store 28x28 uint8 images, ink 255 on paper 0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CSV_COLUMNS = ("file", "predicted_class", "probability")
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP: CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# What Pillow raises for a file it cannot decode, a truncated one, or one whose header claims
+# more pixels than Image.MAX_IMAGE_PIXELS allows (DecompressionBombError).
+IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError,
+                struct.error)
 
 
-class AdaptError(ValueError):
+class AdaptError(UserError):
     """The checkpoint or the task folders cannot be used: one line naming the file or folder."""
 
 
@@ -66,7 +74,7 @@ def _learner_for(cfg: Config) -> Learner:
 
 def load_pretrained(path: str) -> Pretrained:
     """A final.pt of an image-classification run, as a learner and its theta."""
-    state = load_checkpoint(path)  # CheckpointError (a ValueError) for a missing or truncated file
+    state = load_checkpoint(path)  # CheckpointError for a missing or truncated file
     if not isinstance(state, dict) or state.get("format") != FINAL_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
         hint = (f"; make one with `reptile-dist export --checkpoint {path} --out model.pt`"
@@ -96,6 +104,7 @@ def export_final(checkpoint_path: str, out_path: str | Path, overrides: dict | N
     """Write a final.pt (the format `eval` and `adapt` load) from a mid-run engine checkpoint or
     another final.pt, with `overrides` applied to its config (e.g. shots=5: the 1-shot and 5-shot
     presets of a way count meta-train identically, so one model serves both)."""
+    check_output_file(out_path)
     state = load_checkpoint(checkpoint_path)
     found = state.get("format") if isinstance(state, dict) else None
     if found == FINAL_FORMAT:
@@ -118,6 +127,17 @@ def export_final(checkpoint_path: str, out_path: str | Path, overrides: dict | N
     return final
 
 
+def check_output_file(path: str | Path) -> None:
+    """Refuse, before any work is done, a path that cannot become a file: a folder, or a path
+    below an existing file."""
+    out = Path(path)
+    if out.is_dir():
+        raise AdaptError(f"{out} is a folder; name the file to write")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise AdaptError(f"cannot write {out}: {parent} is a file, not a folder")
+
+
 def _folder(path: str | Path, role: str) -> Path:
     folder = Path(path)
     if not folder.is_dir():
@@ -137,7 +157,7 @@ def read_images(files: list[Path]) -> torch.Tensor:
         try:
             with Image.open(path) as image:
                 pixels.append(preprocess_image(image))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except IMAGE_ERRORS as exc:
             raise AdaptError(f"cannot read image {path}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
     images = np.stack(pixels)
     return torch.from_numpy(load_images(images, np.arange(len(images)), rotation=0))
@@ -193,11 +213,18 @@ def adapt_and_predict(checkpoint: str, support: str | Path, query: str | Path, s
     return [Prediction(f.name, names[int(k)], float(p)) for f, k, p in zip(files, label, probability)]
 
 
+def _inert(text: str) -> str:
+    """A name a spreadsheet shows as text, never runs: a leading apostrophe, as OWASP recommends."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def to_csv(predictions: list[Prediction]) -> str:
+    """Names are the user's file and folder names: csv quotes commas, quotes, CR and LF in them.
+    Rows end in CRLF (RFC 4180): csv quotes only the line breaks its row terminator holds."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf)
     writer.writerow(CSV_COLUMNS)
-    writer.writerows((p.file, p.predicted_class, f"{p.probability:.4f}") for p in predictions)
+    writer.writerows((_inert(p.file), _inert(p.predicted_class), f"{p.probability:.4f}") for p in predictions)
     return buf.getvalue()
 
 
@@ -208,4 +235,5 @@ def to_table(predictions: list[Prediction]) -> str:
 
 
 def write_csv(predictions: list[Prediction], out: str | Path) -> None:
+    check_output_file(out)
     atomic_write(out, to_csv(predictions).encode())

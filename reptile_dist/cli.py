@@ -1,17 +1,27 @@
-"""`reptile-dist`: train, eval, data, config. Bad input ends in one line and exit code 2."""
+"""`reptile-dist`: train, eval, data, config. Bad input ends in one line and exit code 2; a bug
+keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
 from reptile_dist.config import PRESETS, ConfigError, load_config, parse_overrides
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+DEFAULT_CONFIG = "sine"
+from reptile_dist.errors import UserError
+
+# OSErrors the user can fix (a path that is missing, a folder, a file, not theirs; a disk that is
+# full or read-only): one line naming the path. Any other OSError is not known to be the user's.
+ENVIRONMENT_OSERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG})
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # only a write meets these
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="sine", help=f"preset ({', '.join(PRESETS)}) or YAML file")
+    p.add_argument("--config", help=f"preset ({', '.join(PRESETS)}) or YAML file (default: sine; with train "
+                                    f"--resume, the configuration the run directory records)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set inner_steps=8")
 
@@ -99,7 +109,15 @@ def cmd_train(args) -> int:
             overrides[key] = getattr(args, key)
     if args.mode is not None or args.workers is not None:
         overrides.setdefault("backend", "ray")
-    cfg = load_config(args.config, overrides)
+    if args.config is None and args.resume:  # the run directory records its configuration
+        from reptile_dist.rundir import RunDir, RunDirError
+
+        recorded = RunDir(args.out).recorded_config()
+        if recorded is None:
+            raise RunDirError(f"{args.out} holds no run to resume (no config.yaml)")
+        cfg = recorded.replace(**overrides)
+    else:
+        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
     if cfg.backend == "local":
         if args.address:
             raise ConfigError("--address needs --backend ray")
@@ -110,7 +128,10 @@ def cmd_train(args) -> int:
         from reptile_dist.engine.driver import train_ray
 
         summary = train_ray(cfg, args.out, address=args.address, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_ci95", "test_loss", "meta_iters", "tasks_per_s", "wall_s")}))
+    from reptile_dist.rundir import json_safe
+
+    shown = {k: summary.get(k) for k in ("test_accuracy", "test_ci95", "test_loss", "meta_iters", "tasks_per_s", "wall_s")}
+    print(json.dumps(json_safe(shown), allow_nan=False))
     return 0
 
 
@@ -124,7 +145,7 @@ def cmd_eval(args) -> int:
     from torch.nn.utils import parameters_to_vector
 
     state = load_checkpoint(args.checkpoint)
-    if state.get("format") != FINAL_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != FINAL_FORMAT:
         raise ConfigError(f"{args.checkpoint} is not a final.pt written by reptile-dist train")
     overrides = parse_overrides(args.overrides)
     if args.data:
@@ -161,7 +182,8 @@ def cmd_config(args) -> int:
         return 0
     import yaml
 
-    print(yaml.safe_dump(load_config(args.config, parse_overrides(args.overrides)).to_dict(), sort_keys=False), end="")
+    print(yaml.safe_dump(load_config(args.config or DEFAULT_CONFIG, parse_overrides(args.overrides)).to_dict(),
+                         sort_keys=False), end="")
     return 0
 
 
@@ -199,8 +221,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    from reptile_dist.adapt import adapt_and_predict, to_table, write_csv
+    from reptile_dist.adapt import adapt_and_predict, check_output_file, to_table, write_csv
 
+    if args.out:
+        check_output_file(args.out)  # before adapting, so a bad --out costs no work
     predictions = adapt_and_predict(args.checkpoint, args.support, args.query, steps=args.steps,
                                     transductive=args.transductive, seed=args.seed)
     print(to_table(predictions), end="")
@@ -222,13 +246,35 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "config": cm
             "adapt": cmd_adapt, "export": cmd_export}
 
 
+def _describe_os_error(exc: OSError, out: str | None = None) -> str:
+    """`cannot write /x/y: No space left on device`, `/x/y: Is a directory`. A write error that
+    names no path (a full disk seen by write()) is put on `out`, where the command writes."""
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    path = exc.filename if exc.filename is not None else (out if exc.errno in WRITE_ERRNOS else None)
+    if path is None:
+        return reason
+    if exc.filename2 is not None:
+        path = f"{path} -> {exc.filename2}"
+    return f"cannot write {path}: {reason}" if exc.errno in WRITE_ERRNOS else f"{path}: {reason}"
+
+
+def _error(message: str) -> int:
+    print("reptile-dist: error: " + " ".join(message.splitlines()), file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. UserError and an environment OSError: one line, exit 2. A failed run: exit
+    1. Ctrl-C: exit 130. Anything else is a bug in reptile-dist and is raised with its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except USER_ERRORS as exc:
-        print(f"reptile-dist: error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        return _error(str(exc))
+    except OSError as exc:
+        if not (isinstance(exc, ENVIRONMENT_OSERRORS) or exc.errno in ENVIRONMENT_ERRNOS):
+            raise
+        return _error(_describe_os_error(exc, getattr(args, "out", None)))
     except RuntimeError as exc:
         if type(exc).__name__ != "RunFailed":
             raise

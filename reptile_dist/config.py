@@ -6,6 +6,7 @@ command-line `--set key=value` overrides. Errors name the field and the allowed 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -13,11 +14,13 @@ from typing import Any
 
 import yaml
 
+from reptile_dist.errors import UserError
+
 PRESETS = ("sine", "omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s", "synthetic")
 
 
-class ConfigError(ValueError):
-    """A configuration value is unknown or out of range."""
+class ConfigError(UserError):
+    """A configuration value is unknown or out of range, or a config file cannot be read."""
 
 
 def knob(default, help: str, lo=None, choices=None, lo_open=False):
@@ -78,8 +81,10 @@ class Config:
     mode: str = knob("sync", "sync: barrier per meta-step; async: apply deltas on arrival; "
                              "allreduce: Ray Train workers all-reduce deltas, no parameter server",
                      choices=("sync", "async", "allreduce"))
-    max_failures: int = knob(3, "allreduce: worker-group restarts from the last checkpoint after a failure (-1: no limit)",
-                             lo=-1)
+    max_failures: int = knob(3, "allreduce: worker-group restarts from the last checkpoint after a failure; "
+                                "sync/async: restarts in a row of one actor (a worker replaced, the parameter server "
+                                "restored from the last checkpoint, the evaluator restarted), 1, 2, 4 ... 30 s apart, "
+                                "before the run stops (-1: no limit)", lo=-1)
     workers: int = knob(2, "adapt workers", lo=1)
     cpus_per_worker: float = knob(1.0, "CPUs reserved per worker when the cluster has no GPUs", lo=0.0, lo_open=True)
     gpus_per_worker: float = knob(1.0, "GPUs per worker when the cluster has GPUs (fractional allowed)", lo=0.0)
@@ -146,6 +151,11 @@ def _check_field(f: dataclasses.Field, value) -> None:
         raise ConfigError(f"{f.name} must be a number, got {value!r}")
     if f.type == "int" and not isinstance(value, int):
         raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+    # A YAML `data: 5` or `data: [a]` would otherwise reach the code that opens files as a non-string.
+    if f.type == "str" and not isinstance(value, str):
+        raise ConfigError(f"{f.name} must be a string, got {value!r}")
+    if f.type == "float" and not math.isfinite(value):  # NaN passes every range check: refuse it here
+        raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
     if m["choices"] is not None and value not in m["choices"]:
         raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(map(str, m['choices']))}")
     lo = m["lo"]
@@ -158,7 +168,16 @@ def _coerce(name: str, value):
     """Turn a YAML/CLI value into the field's type; strings from --set are parsed as YAML."""
     kind = FIELDS[name].type
     if isinstance(value, str) and kind != "str":
-        value = yaml.safe_load(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}={value!r} is not a valid value ({str(exc).splitlines()[0]})") from None
+    if isinstance(value, str) and kind in ("int", "float"):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; Python reads it as the number users mean.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     try:
         if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -177,12 +196,17 @@ def preset_path(name: str) -> Path:
 
 def read_yaml_mapping(path: Path, error: type[Exception], what: str) -> dict[str, Any]:
     """A YAML file holding a mapping, or `error` in one line naming the file."""
+    if path.is_dir():
+        raise error(f"{path} is a folder, not a YAML file of {what}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes()) or {}  # bytes: YAML's own decoding reports a binary file
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping of {what}")
+    odd = [key for key in data if not isinstance(key, str)]
+    if odd:  # `5: x` would otherwise reach keyword arguments as an int
+        raise error(f"{path}: key {odd[0]!r} is not a name")
     return data
 
 

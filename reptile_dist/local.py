@@ -9,8 +9,8 @@ from tqdm import tqdm
 
 from reptile_dist.config import Config
 from reptile_dist.evaluation import evaluate
-from reptile_dist.training import (checkpoint_state, evaluate_before, finish_run, meta_train, set_torch_threads,
-                                   setup_run)
+from reptile_dist.training import (RunSetup, checkpoint_state, evaluate_before, finish_run, finished_run, meta_train,
+                                   set_torch_threads, setup_run)
 
 SHOWN = ("train_loss", "eval_accuracy", "eval_loss", "tasks_per_s")
 
@@ -18,8 +18,18 @@ SHOWN = ("train_loss", "eval_accuracy", "eval_loss", "tasks_per_s")
 def train_local(cfg: Config, out: str, resume: bool = False, progress: bool = True,
                 say: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.perf_counter()
+    finished = finished_run(out, resume, say)
+    if finished is not None:
+        return finished
     set_torch_threads(cfg)
     s = setup_run(cfg, out, resume, say)
+    try:
+        return _train(cfg, s, started, progress, say)
+    finally:
+        s.run.release()
+
+
+def _train(cfg: Config, s: RunSetup, started: float, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
     before = evaluate_before(s, say) if s.start_step == 0 else None
     bar = tqdm(total=cfg.meta_iters, initial=s.start_step, disable=not progress, desc="meta-train", dynamic_ncols=True)
 

@@ -7,10 +7,14 @@ which also syncs it to disk).
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import json
+import math
 import os
 import re
+import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -19,20 +23,25 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from reptile_dist.config import RETIRED_FIELDS, Config
+from reptile_dist.config import RETIRED_FIELDS, Config, ConfigError
+from reptile_dist.errors import UserError
 from reptile_dist.files import atomic_write
 
 CHECKPOINT_RE = re.compile(r"ckpt-(\d{8})\.pt$")
+TEMPORARY_RE = re.compile(r"\.tmp$")  # atomic_write's `.<name>.<random>.tmp`, the remote `<name>.<random>.tmp`
+RUN_FORMAT = "reptile-dist-run-v1"
+RUN_FILE = "run.json"  # the run directory's format and its configuration's identity
+LOCK_FILE = ".lock"
 # Keys that may differ between two invocations of the same run (resuming with another engine).
 RUN_INVARIANT_IGNORES = ("backend", "mode", "workers", "cpus_per_worker", "gpus_per_worker", "placement",
                          "torch_threads", "eval_tasks", "log_every", "checkpoint_every", "keep_checkpoints")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """The run directory cannot be used as asked."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, truncated or not one of ours."""
 
 
@@ -51,9 +60,11 @@ def load_torch_bytes(data: bytes, name: str) -> dict:
 
 class RunDir:
     def __init__(self, uri: str):
-        self.uri = uri.rstrip("/")
+        self.uri = uri.rstrip("/") or uri  # "/" stays the root folder, not the current one
         self.fs, self.root = pafs.FileSystem.from_uri(self.uri) if "://" in self.uri else (pafs.LocalFileSystem(), _abs(self.uri))
+        self.root = self.root.rstrip("/") if self.root != "/" else ""
         self._metrics: list[dict[str, Any]] = []
+        self._lock = None
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -67,7 +78,7 @@ class RunDir:
             atomic_write(final, data)
             return
         # s3:// and gs:// (pyarrow offers no fsync there): a temporary object, then moved into place.
-        tmp = f"{final}.tmp"
+        tmp = f"{final}.{uuid.uuid4().hex[:12]}.tmp"
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
@@ -78,21 +89,91 @@ class RunDir:
             return f.read()
 
     # --- the run's identity -------------------------------------------------------------
+    def recorded_config(self) -> Config | None:
+        """The configuration config.yaml records, with fields newer than the file at their defaults;
+        None when there is no config.yaml."""
+        if not self.exists("config.yaml"):
+            return None
+        try:
+            recorded = yaml.safe_load(self.read_bytes("config.yaml")) or {}
+            if not isinstance(recorded, dict) or not all(isinstance(k, str) for k in recorded):
+                raise RunDirError(f"{self.uri}/config.yaml does not hold a configuration")
+            return Config().replace(**recorded)
+        except yaml.YAMLError as exc:
+            raise RunDirError(f"{self.uri}/config.yaml is not valid YAML ({str(exc).splitlines()[0]})") from None
+        except ConfigError as exc:
+            raise RunDirError(f"{self.uri}/config.yaml: {exc}") from None
+
+    def is_finished(self) -> bool:
+        return self.exists("final.pt") and self.exists("summary.json")
+
     def start(self, cfg: Config, resume: bool = False) -> None:
-        """Claim the folder for this run. A folder holding a different run is refused, and a
-        finished or started run is not overwritten unless resuming it."""
-        if self.exists("config.yaml"):
-            previous = yaml.safe_load(self.read_bytes("config.yaml")) or {}
-            if _identity(previous) != _identity(cfg.to_dict()):
-                changed = sorted(k for k in _identity(cfg.to_dict()) if previous.get(k) != cfg.to_dict()[k])
-                raise RunDirError(f"{self.uri} already holds a different run (differs in: {', '.join(changed)}); choose another --out")
+        """Claim the folder for this run. A folder holding a different run, or files that are not
+        a run's, is refused; a started or finished run is not overwritten unless resuming it; a
+        folder another training holds is refused. Temporaries left by a crash are removed."""
+        info = self.fs.get_file_info(self.root or "/")
+        if info.type == pafs.FileType.File:
+            raise RunDirError(f"{self.uri} is a file, not a run directory; choose a folder for --out")
+        previous = self.recorded_config()
+        if previous is not None:
+            differs = config_differences(previous, cfg)
+            if differs:
+                raise RunDirError(f"{self.uri} already holds a different run (differs in: {', '.join(differs)}); "
+                                  f"choose another --out")
             if not resume:
-                raise RunDirError(f"{self.uri} already holds this run; pass --resume to continue it or choose another --out")
-            if self.exists("metrics.parquet"):
-                self._metrics = pq.read_table(self.path("metrics.parquet"), filesystem=self.fs).to_pylist()
+                state = "a finished run" if self.is_finished() else "this run"
+                raise RunDirError(f"{self.uri} already holds {state}; pass --resume to continue it or choose another --out")
         elif resume:
             raise RunDirError(f"{self.uri} holds no run to resume (no config.yaml)")
+        elif info.type == pafs.FileType.Directory and self._entries():
+            raise RunDirError(f"{self.uri} is not empty and holds no run (no config.yaml); "
+                              f"choose an empty or new folder for --out")
+        self._take_lock()
+        self._remove_temporaries()
+        if previous is not None and self.exists("metrics.parquet"):
+            self._metrics = pq.read_table(self.path("metrics.parquet"), filesystem=self.fs).to_pylist()
         self.write_bytes("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        self.write_bytes(RUN_FILE, json.dumps({"format": RUN_FORMAT, "config_identity": config_identity(cfg)}).encode())
+
+    def _entries(self) -> list[str]:
+        return [i.base_name for i in self.fs.get_file_info(pafs.FileSelector(self.root or "/"))
+                if i.base_name != LOCK_FILE]
+
+    def _take_lock(self) -> None:
+        """One training per folder (local folders: an advisory lock, freed when the process ends)."""
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            return
+        os.makedirs(self.root or "/", exist_ok=True)
+        handle = open(self.path(LOCK_FILE), "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirError(f"{self.uri} is in use by another training ({holder}); wait for it or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._lock = handle
+
+    def release(self) -> None:
+        """Free the folder for the next training (also freed when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def hand_over(self, other: "RunDir") -> "RunDir":
+        """Give this handle's lock to `other` (a fresh handle on the same folder)."""
+        other._lock, self._lock = self._lock, None
+        return other
+
+    def _remove_temporaries(self) -> None:
+        for folder in (self.root or "/", self.path("checkpoints")):
+            for entry in self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+                if entry.type == pafs.FileType.File and TEMPORARY_RE.search(entry.base_name):
+                    self.fs.delete_file(entry.path)
 
     # --- metrics ------------------------------------------------------------------------
     def log(self, row: dict[str, Any]) -> None:
@@ -126,6 +207,8 @@ class RunDir:
         return sorted(found)
 
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> str:
+        """Write checkpoint `step`, then drop the oldest beyond `keep`: the new one is on disk before
+        any older one goes, so there is always one to fall back to."""
         name = f"checkpoints/ckpt-{step:08d}.pt"
         self.write_bytes(name, save_torch(state))
         for _, old in self.checkpoints()[:-keep]:
@@ -147,8 +230,11 @@ class RunDir:
         self.write_bytes("final.pt", save_torch(state))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}  # NaN is not JSON
-        self.write_bytes("summary.json", (json.dumps(clean, indent=2, default=_json_default) + "\n").encode())
+        text = json.dumps(json_safe(summary), indent=2, default=_json_default, allow_nan=False)
+        self.write_bytes("summary.json", (text + "\n").encode())
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads(self.read_bytes("summary.json"))
 
 
 def load_checkpoint(uri: str) -> dict[str, Any]:
@@ -166,6 +252,31 @@ def load_checkpoint(uri: str) -> dict[str, Any]:
 def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
     # Retired keys that an older version wrote are not part of the run's identity.
     return {k: v for k, v in cfg.items() if k not in RUN_INVARIANT_IGNORES and k not in RETIRED_FIELDS}
+
+
+def config_differences(recorded: Config, cfg: Config) -> list[str]:
+    """The fields that make `cfg` a different run from `recorded` (engine, workers and logging may differ)."""
+    a, b = _identity(recorded.to_dict()), _identity(cfg.to_dict())
+    return sorted(k for k in a if a[k] != b[k])
+
+
+def config_identity(cfg: Config) -> str:
+    """A short digest of the fields that define a run, recorded in run.json and every checkpoint."""
+    text = json.dumps(_identity(cfg.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities as None at any depth: they are not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return json_safe(value.item())
+    return value
 
 
 def _abs(path: str) -> str:

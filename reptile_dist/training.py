@@ -14,11 +14,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from reptile_dist.config import Config
+from reptile_dist.config import Config, ConfigError
 from reptile_dist.evaluation import evaluate, headline
 from reptile_dist.models import build_model
 from reptile_dist.reptile import DeltaSum, InnerMoment, Learner, OuterOptimizer, meta_step
-from reptile_dist.rundir import RunDir
+from reptile_dist.rundir import RunDir, RunDirError, config_differences, config_identity
 from reptile_dist.tasks import TaskFamily, build_family, image_size
 
 CHECKPOINT_FORMAT = "reptile-dist-checkpoint-v1"
@@ -41,16 +41,52 @@ def periodic_split(family: TaskFamily) -> str:
     return "val" if classes is not None and classes.splits.get("val") else "test"
 
 
+class RunFailed(RuntimeError):
+    """The run cannot go on (every update rejected for too long, theta no longer finite, a worker
+    that keeps failing); its checkpoints are kept."""
+
+
 def checkpoint_state(cfg: Config, step: int, outer_state: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """Everything a resume needs: tasks are seeded by (seed, step, index), so the step counter
-    is the whole of the task-sampling RNG state."""
-    return {"format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "outer": outer_state, **extra}
+    is the whole of the task-sampling RNG state. A theta that is not finite is never checkpointed
+    (the rotation would otherwise drop the last good checkpoint for it)."""
+    require_finite(outer_state["theta"], step)
+    return {"format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(),
+            "config_identity": config_identity(cfg), "outer": outer_state, **extra}
+
+
+def require_finite(theta: torch.Tensor, step: int) -> None:
+    if not bool(torch.isfinite(theta).all()):
+        raise RunFailed(f"theta is no longer finite at meta-step {step}; stopped, the last good checkpoint kept")
+
+
+class UpdateGuard:
+    """The finite-update guard every loop applies before an outer update (the parameter server's
+    aggregator applies the same rule per push): a sum holding NaN or Inf is skipped and counted,
+    and `max_rejected_updates` skipped in a row stop the run."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.rejected = 0
+        self.in_a_row = 0
+
+    def admit(self, total: DeltaSum, step: int) -> bool:
+        if total.tasks and total.finite:
+            self.in_a_row = 0
+            return True
+        self.rejected += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise RunFailed(f"every update was rejected for {self.in_a_row} meta-steps in a row (non-finite "
+                            f"losses or deltas?); stopped at meta-step {step}, checkpoints kept")
+        return False
 
 
 def final_state(cfg: Config, step: int, learner: Learner, theta: torch.Tensor,
                 moment: InnerMoment | None = None) -> dict[str, Any]:
     """The trained model: weights, config and, with carried inner state, the second-moment estimate
     adaptations to new tasks start from."""
+    require_finite(theta, step)
     learner.load(theta)
     return {
         "format": FINAL_FORMAT,
@@ -177,6 +213,7 @@ def meta_train(cfg: Config, learner: Learner, family: TaskFamily, outer: OuterOp
     alike (the all-reduce's report is a barrier); only one of them writes. `on_step(step)`: after
     every meta-step (a progress bar)."""
     cadence = Cadence.of(cfg)
+    guard = UpdateGuard(cfg.max_rejected_updates)
     hooks = hooks or LoopHooks()
     throughput = Throughput()
     started = time.perf_counter()
@@ -197,7 +234,8 @@ def meta_train(cfg: Config, learner: Learner, family: TaskFamily, outer: OuterOp
             combine_s = time.perf_counter() - combine_started
             return total
 
-        total = meta_step(learner, family, outer, cfg, step, task_indices, combined)
+        total = meta_step(learner, family, outer, cfg, step, task_indices, combined,
+                          admit=lambda total: guard.admit(total, step))
         throughput.pause(total.tasks)
         done = step + 1
         row = None
@@ -219,22 +257,58 @@ def meta_train(cfg: Config, learner: Learner, family: TaskFamily, outer: OuterOp
 
 
 def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], None] = print) -> RunSetup:
-    """Load data, build theta_0 and the outer optimizer, claim `out`; restore the newest
-    readable checkpoint when resuming."""
+    """Load data, build theta_0 and the outer optimizer, claim `out`; when resuming, restore the
+    newest readable checkpoint, which must exist and belong to this configuration."""
     family = build_family(cfg)
     run = RunDir(out)
     run.start(cfg, resume=resume)
-    learner = make_learner(cfg, family)
-    outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer, cfg.carries_inner_moment)
-    start, restored = 0, None
-    if resume:
-        restored = run.latest_checkpoint(warn=say)
-        if restored is not None:
+    try:
+        learner = make_learner(cfg, family)
+        outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer, cfg.carries_inner_moment)
+        start, restored = 0, None
+        if resume:
+            restored = run.latest_checkpoint(warn=say)
+            if restored is None:
+                found = len(run.checkpoints())
+                raise RunDirError(f"{out} has no readable checkpoint to resume from ({found} found"
+                                  f"{', none readable' if found else ''}); start the run again in another folder")
+            _check_restored(restored, cfg, out)
             outer.load_state_dict(restored["outer"])
             start = int(restored["step"])
             run.truncate_metrics(start)
             say(f"resuming {out} from meta-step {start}")
+    except BaseException:
+        run.release()
+        raise
     return RunSetup(cfg, family, learner, outer, run, start, restored)
+
+
+def _check_restored(state: dict[str, Any], cfg: Config, out: str) -> None:
+    """A checkpoint resumes only the configuration that wrote it (config.yaml can be edited)."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise RunDirError(f"the newest checkpoint in {out} has format {state.get('format')!r}, "
+                          f"not {CHECKPOINT_FORMAT!r}; it cannot be resumed by this version")
+    try:
+        written_by = Config().replace(**state["config"])
+    except ConfigError as exc:
+        raise RunDirError(f"the newest checkpoint in {out} holds a configuration this version refuses: {exc}") from None
+    differs = config_differences(written_by, cfg)
+    if differs:
+        raise RunDirError(f"the newest checkpoint in {out} (meta-step {state['step']}) was written with another "
+                          f"configuration (differs in: {', '.join(differs)}); resume with the configuration it "
+                          f"was written with, or start a new run")
+
+
+def finished_run(out: str, resume: bool, say: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """The summary of the finished run in `out` when asked to resume it (nothing is changed), else None."""
+    if not resume:
+        return None
+    run = RunDir(out)
+    if not run.is_finished():
+        return None
+    summary = run.read_summary()
+    say(f"{out} is a finished run ({summary.get('meta_iters')} meta-steps); nothing to resume")
+    return summary
 
 
 def evaluate_before(s: RunSetup, say: Callable[[str], None] = print) -> dict[str, float]:

@@ -6,12 +6,15 @@ import threading
 import time
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from conftest import tiny
 from reptile_dist.engine.driver import train_ray
 from reptile_dist.local import train_local
 from reptile_dist.rundir import load_checkpoint
+
+pytestmark = pytest.mark.slow  # every test starts a Ray Train worker group (13-40 s of start-up alone)
 
 quiet = dict(progress=False, say=lambda m: None)
 

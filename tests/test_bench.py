@@ -10,6 +10,7 @@ from reptile_dist.bench.suite import BenchPlan, run_bench
 from reptile_dist.config import ConfigError, Config
 
 
+@pytest.mark.slow  # 4 engine runs, local baselines and a capacity sweep: about 40 s
 def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_local, tmp_path):
     plan = BenchPlan(config="sine", overrides=dict(torch_threads=1), workers=(2,), modes=("sync", "async"),
                      seconds=1.5, warmup=0.5, capacity_params=(10_000,), capacity_dtypes=("float32",),
@@ -40,6 +41,7 @@ def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_lo
     assert "| sync | 2 |" in text and "![scaling](scaling.png)" in text
 
 
+@pytest.mark.slow  # Ray Train
 def test_the_bench_measures_allreduce_in_a_window_after_ray_trains_start_up(ray_local, tmp_path):
     # A test of its own: each worker count is one TorchTrainer.fit, whose start-up (13-40 s here) the
     # window leaves out but the test still waits for.
@@ -77,7 +79,11 @@ def test_allreduce_rows_have_the_parameter_server_rows_columns():
     ar = allreduce.window_figures(timeline, warmup=0.2, seconds=1.0, workers=2, meta_batch_size=5, params=100)
     assert list(ar) == list(ps)
     assert ar["meta_steps_per_s"] == pytest.approx(3 / 1.0) and ar["allreduce_fraction"] == pytest.approx(0.007)
-    assert ar["mb_per_s"] == pytest.approx(2 * 104 * 8 * 3 / 1e6)
+    # ring: 2(W-1) buffers a meta-step, each 100 float64 delta values + 4 counts + the stop vote
+    assert ar["mb_per_s"] == pytest.approx(2 * 105 * 8 * 3 / 1e6)
+    carried16 = allreduce.window_figures(timeline, warmup=0.2, seconds=1.0, workers=2, meta_batch_size=5, params=100,
+                                         carried=True, dtype="bfloat16")
+    assert carried16["mb_per_s"] == pytest.approx(2 * (200 * 2 + 5 * 8) * 3 / 1e6)  # delta + estimates in 16 bits
 
 
 def test_the_scaling_model_finds_the_largest_worker_count_a_server_absorbs():

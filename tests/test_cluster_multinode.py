@@ -22,6 +22,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # brings up a two-node cluster and submits a job to it
+
 LOCAL_SH = REPO / "cluster" / "local.sh"
 BIN = Path(sys.executable).parent  # local.sh uses the ray of .venv too, and puts it first on PATH
 UP_TIMEOUT_S = 120

@@ -1,11 +1,22 @@
 import pytest
+import yaml
 
-from reptile_dist.config import PRESETS, Config, ConfigError, describe, load_config, parse_overrides
+from reptile_dist.config import FIELDS, PRESETS, Config, ConfigError, describe, load_config, parse_overrides, preset_path
 
 
-def test_every_preset_loads_and_validates():
-    for name in PRESETS:
-        assert isinstance(load_config(name), Config)
+def test_the_preset_list_names_every_shipped_preset_file():
+    assert sorted(p.stem for p in preset_path("sine").parent.glob("*.yaml")) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_preset_holds_its_yaml_values_and_the_defaults_elsewhere(name):
+    written = yaml.safe_load(preset_path(name).read_text())
+    loaded, defaults = load_config(name).to_dict(), Config().to_dict()
+    assert set(written) <= set(FIELDS)
+    assert {k: loaded[k] for k in written} == written
+    assert {k: v for k, v in loaded.items() if k not in written} == {k: v for k, v in defaults.items() if k not in written}
+    # YAML's 1 is an int; a float field must still hold a float (and so on for every field).
+    assert {k: type(v).__name__ for k, v in loaded.items()} == {k: f.type for k, f in FIELDS.items()}
 
 
 def test_omniglot_presets_carry_the_papers_hyperparameters():
@@ -24,6 +35,26 @@ def test_overrides_from_the_command_line_are_typed():
     assert c.inner_steps == 8 and c.meta_step_size == 0.5 and c.inner_replacement is True
 
 
+def test_overrides_win_over_the_preset_and_are_coerced_to_the_fields_type():
+    preset = load_config("sine")
+    c = load_config("sine", parse_overrides(["meta_step_size=1", "eval_tasks=20.0", "mode=async"]))
+    assert (c.meta_step_size, c.eval_tasks, c.mode) == (1.0, 20, "async")
+    assert type(c.meta_step_size) is float and type(c.eval_tasks) is int
+    assert c.replace(meta_step_size=preset.meta_step_size, eval_tasks=preset.eval_tasks, mode=preset.mode) == preset
+
+
+def test_an_override_in_exponent_notation_without_a_dot_is_a_number():
+    # YAML 1.1 reads 1e-3 (no dot) as a string
+    assert load_config("sine", parse_overrides(["inner_lr=1e-3"])).inner_lr == 0.001
+    assert load_config("sine", {"eval_tasks": "2e3"}).eval_tasks == 2000
+
+
+@pytest.mark.parametrize("override", ["inner_lr=.nan", "meta_step_size=.inf", "inner_lr=nan", "meta_step_size=-inf"])
+def test_a_non_finite_number_is_refused_naming_the_field(override):
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]} must be a finite number"):
+        load_config("sine", parse_overrides([override]))
+
+
 @pytest.mark.parametrize("overrides, field", [
     ({"nonsense": 1}, "nonsense"),
     ({"meta_step_size": -1}, "meta_step_size"),
@@ -34,6 +65,8 @@ def test_overrides_from_the_command_line_are_typed():
     ({"meta_step_size_final": 2.0}, "meta_step_size_final"),
     ({"inner_state": "warm"}, "inner_state"),
     ({"inner_state": "carried", "inner_optimizer": "sgd"}, "inner_state"),
+    ({"inner_steps": "2.5"}, "inner_steps must be an integer"),
+    ({"inner_replacement": "sometimes"}, "inner_replacement must be true or false"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
@@ -55,3 +88,33 @@ def test_yaml_file_config_round_trips(tmp_path):
     path.write_text(yaml.safe_dump(load_config("omniglot-5w5s").to_dict()))
     assert load_config(str(path)) == load_config("omniglot-5w5s")
     assert "meta_step_size" in describe()
+
+
+@pytest.mark.parametrize("value", [5, ["a"], None, True])
+def test_a_string_field_refuses_a_non_string_naming_the_field(value):
+    with pytest.raises(ConfigError, match="data must be a string"):
+        Config().replace(data=value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"data: 5\n", "data must be a string, got 5"),
+    (b"data: [a]\n", r"data must be a string, got \['a'\]"),
+    (b"inner_lr: [\n", "not valid YAML"),
+    (b"5: x\n", "key 5 is not a name"),
+    (b"\x89PNG\r\n\x1a\n\xff\xfe", "not valid YAML"),
+])
+def test_a_bad_config_file_is_a_config_error(tmp_path, content, message):
+    path = tmp_path / "mine.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+def test_a_folder_given_as_config_is_a_config_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path} is a folder"):
+        load_config(str(tmp_path))
+
+
+def test_a_set_value_that_is_not_yaml_is_a_config_error_naming_the_field():
+    with pytest.raises(ConfigError, match="inner_lr="):
+        load_config("sine", parse_overrides(["inner_lr=[0.1"]))

@@ -16,6 +16,7 @@ def _params(out):
     return torch.cat([v.flatten() for v in state.values()])
 
 
+@pytest.mark.slow  # the Ray runs here take 12-47 s each on 2 idle cores, 28-95 s on busy ones
 @pytest.mark.parametrize("workers, inner_state", [(1, "fresh"), (2, "fresh"), (2, "carried")])
 def test_sync_equals_the_local_trainer(ray_local, tmp_path, workers, inner_state):
     cfg = tiny("synthetic", meta_iters=5, inner_state=inner_state)
@@ -39,6 +40,7 @@ def _initial(cfg):
     return make_learner(cfg, build_family(cfg)).initial_theta()
 
 
+@pytest.mark.slow
 def test_async_trains_sine_into_the_local_trainers_loss_band(ray_local, tmp_path):
     cfg = tiny("sine", meta_iters=600, eval_tasks=200, eval_tasks_periodic=200, log_every=50)
     local = train_local(cfg, str(tmp_path / "local"), **quiet)
@@ -52,6 +54,7 @@ def test_async_trains_sine_into_the_local_trainers_loss_band(ray_local, tmp_path
     assert set(histogram) <= set(range(cfg.staleness_bound + 1)), histogram
 
 
+@pytest.mark.slow
 def test_a_nan_delta_is_rejected_and_the_run_finishes_finite(ray_local, tmp_path):
     import ray
 
@@ -67,6 +70,7 @@ def test_a_nan_delta_is_rejected_and_the_run_finishes_finite(ray_local, tmp_path
     assert np.isfinite(result["test_loss"])
 
 
+@pytest.mark.slow
 def test_a_ray_run_directory_is_complete_and_eval_reads_it(ray_local, tmp_path, capsys):
     from reptile_dist.cli import main
 

@@ -1,4 +1,5 @@
-"""N-way K-shot task sampling (ImageFamily) over the prepared Omniglot table.
+"""N-way K-shot task sampling (ImageFamily) over a prepared Omniglot table (the generated release,
+alphabet split: rotated background characters train, evaluation characters test).
 
 Each task image is traced back to its class by its pixels: an index maps the bytes of every
 (rotated) image of a split to the class it belongs to and to how many rows carry those bytes
@@ -11,6 +12,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from conftest import SMALL_RELEASE
+from reptile_dist.config import ConfigError
 from reptile_dist.data.omniglot import load_omniglot
 from reptile_dist.tasks.images import ImageFamily
 
@@ -18,8 +21,8 @@ ClassKey = tuple[int, int]  # (first row of the character, rotation)
 
 
 @pytest.fixture(scope="module")
-def omniglot(omniglot_table):
-    return load_omniglot(omniglot_table, split="paper", seed=0)
+def omniglot(generated_omniglot_table):
+    return load_omniglot(generated_omniglot_table, split="alphabet", seed=0)
 
 
 def pixel_index(classes, split: str) -> dict[bytes, tuple[ClassKey, int]]:
@@ -104,18 +107,21 @@ def test_tasks_are_a_function_of_the_generator_seed(omniglot):
 
 
 def test_more_ways_than_test_classes_names_ways(omniglot):
-    with pytest.raises(ValueError, match=r"ways=424 .* 423 classes of split 'test'"):
-        ImageFamily(omniglot, ways=424, train_shots=5, shots=1, queries=1)
+    test_classes = sum(SMALL_RELEASE["evaluation"])
+    assert len(omniglot.splits["test"]) == test_classes
+    with pytest.raises(ConfigError, match=rf"ways={test_classes + 1} .* {test_classes} classes of split 'test'"):
+        ImageFamily(omniglot, ways=test_classes + 1, train_shots=5, shots=1, queries=1)
+    ImageFamily(omniglot, ways=test_classes, train_shots=5, shots=1, queries=1)  # every class is allowed
 
 
 def test_more_shots_and_queries_than_20_drawings_names_the_fields(omniglot):
-    with pytest.raises(ValueError, match=r"shots \+ queries = 21 exceeds the 20 images"):
+    with pytest.raises(ConfigError, match=r"shots \+ queries = 21 exceeds the 20 images"):
         ImageFamily(omniglot, ways=5, train_shots=5, shots=15, queries=6)
-    with pytest.raises(ValueError, match=r"train_shots = 21 exceeds the 20 images"):
+    with pytest.raises(ConfigError, match=r"train_shots = 21 exceeds the 20 images"):
         ImageFamily(omniglot, ways=5, train_shots=21, shots=1, queries=1)
 
 
 def test_eval_task_from_an_empty_split_names_it(omniglot):
     family = ImageFamily(omniglot, ways=5, train_shots=5, shots=1, queries=1)
-    with pytest.raises(ValueError, match="split 'val' has no classes"):
+    with pytest.raises(ConfigError, match="split 'val' has no classes"):
         family.eval_task(np.random.default_rng(0), "val")

@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
     ("config/models", {
         "reptile_dist": "",
         "reptile_dist.config": "",
+        "reptile_dist.errors": "the base class of every user-facing error, for all layers",
         "reptile_dist.models": "",
         "reptile_dist.files": "atomic writes, for the data layer and the run directory alike",
     }),

@@ -11,6 +11,7 @@ from reptile_dist.rundir import CheckpointError, RunDir, RunDirError, load_check
 quiet = dict(progress=False, say=lambda m: None)
 
 
+@pytest.mark.slow  # 800 meta-steps and 400 evaluation tasks: 17-27 s
 def test_meta_training_on_sine_beats_a_random_initialisation(tmp_path):
     """A real learning check: post-adaptation MSE on held-out sine tasks."""
     cfg = tiny("sine", meta_iters=800, eval_tasks=200, eval_tasks_periodic=200, log_every=100)

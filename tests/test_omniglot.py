@@ -1,4 +1,5 @@
-"""Omniglot preparation and loading, on the real release (prepared once per session)."""
+"""Omniglot preparation and loading, on generated releases in the official layout (prepared once
+per session by `prepare_omniglot`); the official release's own sizes where it is present."""
 from __future__ import annotations
 
 import zipfile
@@ -10,8 +11,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from conftest import SHARED_OMNIGLOT
+from conftest import PAPER_SIZED_RELEASE, SMALL_RELEASE
 from reptile_dist.data.omniglot import (
+    PAPER_TRAIN_CHARACTERS,
     DataError,
     default_sources,
     load_omniglot,
@@ -24,6 +26,11 @@ from reptile_dist.data.omniglot import (
 def characters_of(classes) -> set[int]:
     """A character is identified by its first row (rows are disjoint between characters)."""
     return {int(c.rows[0]) for c in classes}
+
+
+def characters_in(release: dict[str, list[int]], set_name: str | None = None) -> int:
+    """Characters of a generated release (conftest), in one set or in all."""
+    return sum(sum(sizes) for name, sizes in release.items() if set_name in (None, name))
 
 
 def alphabets_of(table_path: Path, classes) -> set[tuple[str, str]]:
@@ -57,8 +64,9 @@ def write_release(folder: Path, broken: str | None = None) -> None:
         (folder / broken).write_bytes(b"not a png")
 
 
-def test_paper_split_has_4800_rotated_train_classes_and_423_test_classes_of_20(omniglot_table):
-    classes = load_omniglot(omniglot_table, split="paper")
+@pytest.mark.slow  # prepares the full release (32,460 drawings)
+def test_paper_split_has_4800_rotated_train_classes_and_423_test_classes_of_20(official_omniglot_table):
+    classes = load_omniglot(official_omniglot_table, split="paper")
     summary = split_summary(classes)
     assert summary["train"] == {"classes": 4800, "images_per_class_min": 20, "images_per_class_max": 20}
     assert summary["test"] == {"classes": 423, "images_per_class_min": 20, "images_per_class_max": 20}
@@ -69,55 +77,90 @@ def test_paper_split_has_4800_rotated_train_classes_and_423_test_classes_of_20(o
     assert classes.images.shape == (32460, 28, 28) and classes.images.dtype == np.uint8
 
 
-def test_paper_split_is_a_function_of_the_seed(omniglot_table):
-    first = characters_of(load_omniglot(omniglot_table, seed=0).splits["test"])
-    assert first == characters_of(load_omniglot(omniglot_table, seed=0).splits["test"])
-    assert first != characters_of(load_omniglot(omniglot_table, seed=1).splits["test"])
-
-
-def test_alphabet_split_trains_on_background_and_tests_on_evaluation(omniglot_table):
-    classes = load_omniglot(omniglot_table, split="alphabet")
+@pytest.mark.slow  # prepares the full release (32,460 drawings)
+def test_alphabet_split_of_the_release_has_964_background_and_659_evaluation_characters(official_omniglot_table):
+    classes = load_omniglot(official_omniglot_table, split="alphabet")
     summary = split_summary(classes)
-    assert summary["train"]["classes"] == 3856 and summary["test"]["classes"] == 659
-    train_alphabets = alphabets_of(omniglot_table, classes.splits["train"])
-    test_alphabets = alphabets_of(omniglot_table, classes.splits["test"])
-    assert {s for s, _ in train_alphabets} == {"background"} and len(train_alphabets) == 30
-    assert {s for s, _ in test_alphabets} == {"evaluation"} and len(test_alphabets) == 20
+    assert summary["train"]["classes"] == 4 * 964 and summary["test"]["classes"] == 659
+    assert len(alphabets_of(official_omniglot_table, classes.splits["train"])) == 30
+    assert len(alphabets_of(official_omniglot_table, classes.splits["test"])) == 20
+
+
+def test_paper_split_trains_on_1200_rotated_characters_and_tests_on_the_rest(paper_sized_omniglot_table):
+    classes = load_omniglot(paper_sized_omniglot_table, split="paper")
+    summary = split_summary(classes)
+    held_out = characters_in(PAPER_SIZED_RELEASE) - PAPER_TRAIN_CHARACTERS
+    assert summary["train"] == {"classes": 4 * PAPER_TRAIN_CHARACTERS, "images_per_class_min": 2, "images_per_class_max": 2}
+    assert summary["test"] == {"classes": held_out, "images_per_class_min": 2, "images_per_class_max": 2}
+    assert summary["val"]["classes"] == 0
+    assert len(characters_of(classes.splits["train"])) == PAPER_TRAIN_CHARACTERS
+    assert sorted({c.rotation for c in classes.splits["train"]}) == [0, 90, 180, 270]
+    assert {c.rotation for c in classes.splits["test"]} == {0}
+    # The shuffle draws test characters from both sets, unlike the alphabet split.
+    assert {s for s, _ in alphabets_of(paper_sized_omniglot_table, classes.splits["test"])} == {"background", "evaluation"}
+
+
+def test_paper_split_is_a_function_of_the_seed(paper_sized_omniglot_table):
+    first = characters_of(load_omniglot(paper_sized_omniglot_table, seed=0).splits["test"])
+    assert first == characters_of(load_omniglot(paper_sized_omniglot_table, seed=0).splits["test"])
+    assert first != characters_of(load_omniglot(paper_sized_omniglot_table, seed=1).splits["test"])
+
+
+def test_alphabet_split_trains_on_background_and_tests_on_evaluation(generated_omniglot_table):
+    classes = load_omniglot(generated_omniglot_table, split="alphabet")
+    summary = split_summary(classes)
+    assert summary["train"]["classes"] == 4 * characters_in(SMALL_RELEASE, "background")
+    assert summary["test"]["classes"] == characters_in(SMALL_RELEASE, "evaluation")
+    assert summary["test"]["images_per_class_min"] == summary["test"]["images_per_class_max"] == 20
+    train_alphabets = alphabets_of(generated_omniglot_table, classes.splits["train"])
+    test_alphabets = alphabets_of(generated_omniglot_table, classes.splits["test"])
+    assert {s for s, _ in train_alphabets} == {"background"} and len(train_alphabets) == len(SMALL_RELEASE["background"])
+    assert {s for s, _ in test_alphabets} == {"evaluation"} and len(test_alphabets) == len(SMALL_RELEASE["evaluation"])
     assert not {a for _, a in train_alphabets} & {a for _, a in test_alphabets}
 
 
-@pytest.mark.parametrize("split", ["paper", "alphabet"])
-def test_meta_test_characters_are_never_seen_in_meta_training(omniglot_table, split):
-    classes = load_omniglot(omniglot_table, split=split, val_characters=50)
+@pytest.mark.parametrize("table, split, val_characters", [
+    ("paper_sized_omniglot_table", "paper", 50),
+    ("generated_omniglot_table", "alphabet", 5),
+])
+def test_meta_test_characters_are_never_seen_in_meta_training(request, table, split, val_characters):
+    classes = load_omniglot(request.getfixturevalue(table), split=split, val_characters=val_characters)
     train, val, test = (characters_of(classes.splits[s]) for s in ("train", "val", "test"))
     assert not train & test and not val & test and not train & val
     rows = [np.concatenate([c.rows for c in classes.splits[s]]) for s in ("train", "test")]
     assert not np.intersect1d(rows[0], rows[1]).size
 
 
-def test_val_characters_are_carved_out_of_training(omniglot_table):
-    classes = load_omniglot(omniglot_table, split="paper", val_characters=100)
+def test_val_characters_are_carved_out_of_training(paper_sized_omniglot_table):
+    classes = load_omniglot(paper_sized_omniglot_table, split="paper", val_characters=100)
     summary = split_summary(classes)
-    assert (summary["train"]["classes"], summary["val"]["classes"], summary["test"]["classes"]) == (4400, 400, 423)
-    whole = characters_of(load_omniglot(omniglot_table, split="paper").splits["train"])
+    held_out = characters_in(PAPER_SIZED_RELEASE) - PAPER_TRAIN_CHARACTERS
+    assert (summary["train"]["classes"], summary["val"]["classes"], summary["test"]["classes"]) == (
+        4 * (PAPER_TRAIN_CHARACTERS - 100), 4 * 100, held_out)
+    whole = characters_of(load_omniglot(paper_sized_omniglot_table, split="paper").splits["train"])
     assert characters_of(classes.splits["train"]) | characters_of(classes.splits["val"]) == whole
 
 
-@pytest.mark.parametrize("val_characters", [-1, 1200])
-def test_val_characters_out_of_range_names_the_field(omniglot_table, val_characters):
-    with pytest.raises(ValueError, match="val_characters"):
-        load_omniglot(omniglot_table, split="paper", val_characters=val_characters)
+@pytest.mark.parametrize("val_characters", [-1, PAPER_TRAIN_CHARACTERS])
+def test_val_characters_out_of_range_names_the_field(paper_sized_omniglot_table, val_characters):
+    with pytest.raises(ValueError, match=f"val_characters={val_characters} must be in \\[0, {PAPER_TRAIN_CHARACTERS}\\)"):
+        load_omniglot(paper_sized_omniglot_table, split="paper", val_characters=val_characters)
 
 
-def test_unknown_split_names_the_field(omniglot_table):
+def test_paper_split_of_too_few_characters_says_how_many_it_needs(generated_omniglot_table):
+    with pytest.raises(DataError, match=f"{characters_in(SMALL_RELEASE)} characters; .* more than {PAPER_TRAIN_CHARACTERS}"):
+        load_omniglot(generated_omniglot_table, split="paper")
+
+
+def test_unknown_split_names_the_field(generated_omniglot_table):
     with pytest.raises(ValueError, match="split='lake'"):
-        load_omniglot(omniglot_table, split="lake")
+        load_omniglot(generated_omniglot_table, split="lake")
 
 
-def test_image_column_is_a_read_only_view_of_the_mapped_file(omniglot_table):
+def test_image_column_is_a_read_only_view_of_the_mapped_file(generated_omniglot_table):
     allocated = pa.total_allocated_bytes()
-    images = load_omniglot(omniglot_table).images
-    assert pa.total_allocated_bytes() - allocated < 1 << 20  # the 25 MB of pixels were not read into memory
+    images = load_omniglot(generated_omniglot_table, split="alphabet").images
+    assert pa.total_allocated_bytes() - allocated < images.nbytes // 10  # the pixels were not read into memory
     assert not images.flags.writeable
     if not Path("/proc/self/maps").exists():
         return  # the allocation check above still holds off Linux
@@ -125,21 +168,28 @@ def test_image_column_is_a_read_only_view_of_the_mapped_file(omniglot_table):
     mapped = []
     for line in Path("/proc/self/maps").read_text().splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == str(omniglot_table.resolve()):
+        if len(fields) == 6 and fields[5] == str(generated_omniglot_table.resolve()):
             low, high = (int(x, 16) for x in fields[0].split("-"))
             mapped.append(low <= address and address + images.nbytes <= high)
     assert any(mapped), "image pixels do not lie in a mapping of the table file"
 
 
-def test_table_is_sorted_with_ink_high_and_format_metadata(omniglot_table):
-    table = pa.ipc.open_file(pa.memory_map(str(omniglot_table))).read_all()
+def test_table_is_sorted_with_ink_high_and_format_metadata(generated_omniglot_table):
+    table = pa.ipc.open_file(pa.memory_map(str(generated_omniglot_table))).read_all()
     assert table.schema.metadata == {b"reptile_dist.format": b"omniglot-v1", b"image_size": b"28"}
     assert table.schema.field("image").type == pa.binary(784)
     keys = list(zip(*(table[c].to_pylist() for c in ("set", "alphabet", "character", "file"))))
-    assert keys == sorted(keys) and len(set(keys)) == 32460
-    images = load_omniglot(omniglot_table).images
+    assert keys == sorted(keys) and len(set(keys)) == 20 * characters_in(SMALL_RELEASE)
+    images = load_omniglot(generated_omniglot_table, split="alphabet").images
     assert images[:, 0, 0].mean() < 1  # paper is 0: corners are blank in nearly every drawing
     assert images.reshape(len(images), -1).max(axis=1).min() > 128  # every drawing has ink
+
+
+def test_prepare_summarises_each_set_of_zips_in_the_official_layout(generated_omniglot_zips, tmp_path):
+    summary = prepare_omniglot(generated_omniglot_zips, tmp_path / "omniglot.arrow")
+    for set_name, sizes in SMALL_RELEASE.items():
+        assert summary["sets"][set_name] == {"alphabets": len(sizes), "characters": sum(sizes), "images": 20 * sum(sizes)}
+    assert summary["characters"] == characters_in(SMALL_RELEASE) and summary["images"] == 20 * characters_in(SMALL_RELEASE)
 
 
 def test_prepare_reads_unpacked_folders_in_every_accepted_layout(tmp_path):
@@ -203,11 +253,12 @@ def test_unreadable_png_is_named_and_no_table_is_left_behind(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_default_folder_zips_are_used_without_downloading(tmp_path):
-    for set_name in ("background", "evaluation"):
-        (tmp_path / f"images_{set_name}.zip").symlink_to(SHARED_OMNIGLOT / f"images_{set_name}.zip")
+def test_default_folder_zips_are_used_without_downloading(generated_omniglot_zips, tmp_path):
+    for zip_path in generated_omniglot_zips:
+        (tmp_path / zip_path.name).symlink_to(zip_path)
     found = default_sources(tmp_path, url="file:///nonexistent/{name}")
-    assert [p.name for p in found] == ["images_background.zip", "images_evaluation.zip"]
+    assert found == [tmp_path / "images_background.zip", tmp_path / "images_evaluation.zip"]
+    assert [p.read_bytes() for p in found] == [z.read_bytes() for z in generated_omniglot_zips]
 
 
 def test_failed_download_says_what_to_pass(tmp_path):
@@ -217,9 +268,9 @@ def test_failed_download_says_what_to_pass(tmp_path):
     assert not list((tmp_path / "data").iterdir())  # no partial download left behind
 
 
-def test_truncated_table_is_a_one_line_error_naming_it(omniglot_table, tmp_path):
+def test_truncated_table_is_a_one_line_error_naming_it(generated_omniglot_table, tmp_path):
     truncated = tmp_path / "truncated.arrow"
-    truncated.write_bytes(omniglot_table.read_bytes()[: omniglot_table.stat().st_size // 2])
+    truncated.write_bytes(generated_omniglot_table.read_bytes()[: generated_omniglot_table.stat().st_size // 2])
     with pytest.raises(DataError) as error:
         load_omniglot(truncated)
     assert_one_line_naming(error, truncated)

@@ -2,7 +2,9 @@
 Ray stops trials early and writes a best configuration that trains."""
 from __future__ import annotations
 
+import importlib.util
 import time
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -59,11 +61,31 @@ def test_bad_space_fails_before_any_trial_with_one_line_naming_the_field(tmp_pat
     assert not out.exists()
 
 
-def test_optuna_missing_or_grid_with_optuna_is_one_clear_error(tmp_path):
-    with pytest.raises(SweepError, match="optuna"):
+def optuna_installed(monkeypatch, installed: bool) -> None:
+    """Make the sweep loader find optuna, or not, whichever this machine has."""
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == "optuna":
+            return ModuleSpec("optuna", None) if installed else None
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_search_optuna_without_optuna_says_what_to_install(tmp_path, monkeypatch):
+    optuna_installed(monkeypatch, False)
+    with pytest.raises(SweepError, match=r"search: optuna is not installed \(pip install 'reptile-dist\[tune\]'\)"):
         load_sweep(write_sweep(tmp_path, search="optuna"))
 
 
+def test_search_optuna_refuses_a_grid_and_names_its_field(tmp_path, monkeypatch):
+    optuna_installed(monkeypatch, True)
+    with pytest.raises(SweepError, match=r"space\.meta_step_size: grid is not supported with search: optuna"):
+        load_sweep(write_sweep(tmp_path, search="optuna"))
+
+
+@pytest.mark.slow  # four Tune trials and a training run
 def test_asha_sine_sweep_stops_trials_early_and_its_best_config_trains(ray_local, tmp_path):
     from reptile_dist.sweep.runner import run_sweep
 

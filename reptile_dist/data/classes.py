@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reptile_dist.config import ConfigError
+
 
 @dataclass(frozen=True)
 class ImageClass:
@@ -26,12 +28,12 @@ class ImageClasses:
     image_size: int = 28
 
     def check(self, ways: int, images_per_class: int, field: str = "shots + queries", splits: tuple[str, ...] | None = None) -> None:
-        """Raise ValueError naming `field` if a split (default: every split) cannot supply the tasks asked for."""
+        """Raise ConfigError naming `field` if a split (default: every split) cannot supply the tasks asked for."""
         for name, classes in self.splits.items():
             if not classes or (splits is not None and name not in splits):
                 continue
             if ways > len(classes):
-                raise ValueError(f"ways={ways} is larger than the {len(classes)} classes of split '{name}'")
+                raise ConfigError(f"ways={ways} is larger than the {len(classes)} classes of split '{name}'")
             fewest = min(len(c.rows) for c in classes)
             if images_per_class > fewest:
-                raise ValueError(f"{field} = {images_per_class} exceeds the {fewest} images per class of split '{name}'")
+                raise ConfigError(f"{field} = {images_per_class} exceeds the {fewest} images per class of split '{name}'")

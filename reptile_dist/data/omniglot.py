@@ -30,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Decode workers re-import this module: nothing here may import torch (a test holds to it).
 from reptile_dist.data.classes import ImageClass, ImageClasses
+from reptile_dist.errors import UserError
 from reptile_dist.files import atomic_write
 
 DEFAULT_TABLE = "data/omniglot.arrow"
@@ -47,7 +48,7 @@ SOURCE_HINT = "--source path/to/images_background.zip path/to/images_evaluation.
 _DRAWING = re.compile(r"(?:^|/)images_(background|evaluation)/([^/]+)/([^/]+)/([^/]+\.png)$", re.IGNORECASE)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):  # also a ValueError: load_omniglot's bad arguments were, and callers catch them so
     """Bad input data: one line that names the offending file."""
 
 
@@ -203,7 +204,7 @@ def _decode_pngs(files: list[tuple[str, bytes]]) -> bytes:
         try:
             with Image.open(BytesIO(data)) as image:
                 out += preprocess_image(image).tobytes()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"cannot read image {where}: {_one_line(exc)}") from None
     return bytes(out)
 
@@ -365,7 +366,7 @@ def load_omniglot(
     "val", rotated like train.
     """
     if split not in SPLITS:
-        raise ValueError(f"split='{split}' is not one of {', '.join(SPLITS)}")
+        raise DataError(f"split='{split}' is not one of {', '.join(SPLITS)}")
     path = Path(path)
     table, size = _open_table(path)
     sets, rows = _characters(table, path)
@@ -379,7 +380,7 @@ def load_omniglot(
         train = rng.permutation(np.flatnonzero(sets == "background"))
         test = np.flatnonzero(sets == "evaluation")
     if not 0 <= val_characters < len(train):
-        raise ValueError(
+        raise DataError(
             f"val_characters={val_characters} must be in [0, {len(train)}): the {split} split has {len(train)} training characters"
         )
     kept = len(train) - val_characters

@@ -41,8 +41,8 @@ from reptile_dist.evaluation import TaskScores, combine_scores, headline, score_
 from reptile_dist.reptile import DeltaSum, InnerMoment, OuterOptimizer
 from reptile_dist.rundir import RunDir, load_torch_bytes
 from reptile_dist.tasks import build_family
-from reptile_dist.training import (LoopHooks, RunSetup, Throughput, checkpoint_state, finish_run, make_learner,
-                                   meta_train, periodic_split, set_torch_threads, setup_run)
+from reptile_dist.training import (LoopHooks, RunSetup, Throughput, checkpoint_state, finish_run, finished_run,
+                                   make_learner, meta_train, periodic_split, set_torch_threads, setup_run)
 
 STATE_FILE = "state.pt"
 TRAIN_STORAGE = "ray-train"  # Ray Train's own checkpoints; inside the run directory while it runs, removed after
@@ -55,31 +55,41 @@ def train_allreduce(cfg: Config, out: str, address: str | None = None, resume: b
     if on_log is not None:
         raise ConfigError("mode allreduce logs from its rank-0 worker and cannot call on_log; use mode sync or async")
     started = time.perf_counter()
+    finished = finished_run(out, resume, say)
+    if finished is not None:
+        return finished
     with ray_cluster(cfg, address):
         s = setup_run(cfg, out, resume, say)
-        storage = s.run.path(TRAIN_STORAGE)
-        trainer = make_trainer(cfg, s, storage, progress)
         try:
-            result = trainer.fit()
-        except SystemExit as exc:  # how fit() ends after Ray Train's Ctrl-C handler aborted the run
-            raise KeyboardInterrupt from exc
+            return _fit(cfg, s, started, progress, say)
         finally:
-            _remove_dir(s.run, storage)
-        done = result.return_value
-        if done is None:  # aborted without an error
-            raise KeyboardInterrupt
-        s.run = _reopened(s.run)  # rank 0 wrote the metric rows; finish_run's flush must keep them
-        before = done["before"] if s.start_step == 0 else None
-        if before is not None:
-            say(f"before meta-training ({periodic_split(s.family)}): {headline(before, s.family.kind)}")
-        extra = {"allreduce_fraction": done["allreduce_s"] / done["train_s"] if done["train_s"] > 0 else math.nan,
-                 "restored_from_step": done["restored_from_step"],
-                 "worker_nodes": sorted({p["node_id"] for p in done["placements"]}),
-                 "worker_devices": sorted({p["device"] for p in done["placements"]})}
-        throughput = Throughput(tasks=done["tasks"], seconds=done["train_s"])
-        theta = torch.tensor(done["theta"])  # return values are read-only arrays
-        return finish_run(s, theta, cfg.meta_iters, throughput, time.perf_counter() - started, before, extra, say,
-                          done["test"], InnerMoment.from_state(done["moment"]))
+            s.run.release()
+
+
+def _fit(cfg: Config, s: RunSetup, started: float, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    storage = s.run.path(TRAIN_STORAGE)
+    trainer = make_trainer(cfg, s, storage, progress)
+    try:
+        result = trainer.fit()
+    except SystemExit as exc:  # how fit() ends after Ray Train's Ctrl-C handler aborted the run
+        raise KeyboardInterrupt from exc
+    finally:
+        _remove_dir(s.run, storage)
+    done = result.return_value
+    if done is None:  # aborted without an error
+        raise KeyboardInterrupt
+    s.run = s.run.hand_over(_reopened(s.run))  # rank 0 wrote the metric rows; finish_run's flush must keep them
+    before = done["before"] if s.start_step == 0 else None
+    if before is not None:
+        say(f"before meta-training ({periodic_split(s.family)}): {headline(before, s.family.kind)}")
+    extra = {"allreduce_fraction": done["allreduce_s"] / done["train_s"] if done["train_s"] > 0 else math.nan,
+             "restored_from_step": done["restored_from_step"],
+             "worker_nodes": sorted({p["node_id"] for p in done["placements"]}),
+             "worker_devices": sorted({p["device"] for p in done["placements"]})}
+    throughput = Throughput(tasks=done["tasks"], seconds=done["train_s"])
+    theta = torch.tensor(done["theta"])  # return values are read-only arrays
+    return finish_run(s, theta, cfg.meta_iters, throughput, time.perf_counter() - started, before, extra, say,
+                      done["test"], InnerMoment.from_state(done["moment"]))
 
 
 def make_trainer(cfg: Config, s: RunSetup, storage: str, progress: bool, hooks: LoopHooks | None = None) -> TorchTrainer:

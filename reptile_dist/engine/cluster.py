@@ -14,13 +14,14 @@ from typing import Callable, Iterator
 import ray
 
 from reptile_dist.config import Config
+from reptile_dist.errors import UserError
 
 HEAD_RESOURCE = "reptile_head"  # advertised by the head node in cluster/ configs
 HEAD_SHARE = 0.01  # a token amount of HEAD_RESOURCE: it only pins a bundle to the head node
 NAMESPACE = "reptile-dist"
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError):
     """The Ray cluster could not be reached or cannot host the run (a user-facing, one-line error)."""
 
 

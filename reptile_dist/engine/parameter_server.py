@@ -15,13 +15,18 @@ import ray
 from reptile_dist.config import Config
 from reptile_dist.engine.aggregation import Aggregator, Push
 from reptile_dist.engine.wire import DeltaCodec, WireSum
-from reptile_dist.training import Cadence
+from reptile_dist.training import Cadence, set_torch_threads
+
+PS_CPUS = 0.5  # the parameter server's share of bundle 0 (the evaluator has the other half)
 
 
 class ParameterServer:
     def __init__(self, cfg: dict, theta: np.ndarray, outer_state: dict | None = None, version: int = 0,
                  applied_tasks: int = 0):
         self.cfg = Config(**cfg)
+        # Its work is element-wise over theta: one thread, as its half-CPU share asks; more would
+        # spin against the workers for the same cores.
+        set_torch_threads(self.cfg, cpus=PS_CPUS)
         self.agg = Aggregator(self.cfg, theta, outer_state, version, applied_tasks)
         self.codec = DeltaCodec(len(theta), self.cfg.carries_inner_moment, self.cfg.delta_dtype)
         self.cadence = Cadence.of(self.cfg)

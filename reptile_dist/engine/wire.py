@@ -11,6 +11,7 @@ parameter server sums; the all-reduce sums the vector in the wire precision itse
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,8 +68,11 @@ class DeltaCodec:
         return WireSum(vector.numpy(), self.counts(total).numpy())
 
     def decode(self, wire: WireSum) -> DeltaSum:
-        # torch.tensor copies: arrays from the object store are read-only.
-        vector = torch.tensor(wire.vector)
+        """Without a copy where the precision is float64 already: arrays from the object store are
+        read-only, and nothing writes into a decoded sum (every operation on it makes a new one)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's warning about read-only arrays
+            vector = torch.from_numpy(wire.vector)
         if self.dtype == "bfloat16":
             vector = vector.view(torch.bfloat16)
         return self.from_tensors(vector, torch.tensor(wire.counts))

@@ -27,6 +27,7 @@ from typing import Any
 
 from reptile_dist.config import FIELDS, Config, ConfigError, load_config, read_yaml_mapping
 from reptile_dist.engine.cluster import bundle_cpus
+from reptile_dist.errors import UserError
 from reptile_dist.sweep.placement import trial_bundles
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
@@ -41,7 +42,7 @@ RESOURCE_FIELDS = ("workers", "cpus_per_worker", "gpus_per_worker", "placement")
 TOP_KEYS = ("name", "base", "space", "metric", "mode", "scheduler", "search", "budget", "best", "seed")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep definition is invalid; the message names the field."""
 
 

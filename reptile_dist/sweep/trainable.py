@@ -19,7 +19,7 @@ from typing import Any
 from ray import tune
 
 from reptile_dist.engine.cluster import cluster_gpus, cluster_has_head_node
-from reptile_dist.rundir import RunDir
+from reptile_dist.rundir import RunDir, config_identity, load_checkpoint, save_torch
 from reptile_dist.sweep.placement import trial_bundles
 from reptile_dist.sweep.spec import SweepSpec
 
@@ -55,8 +55,12 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
         with checkpoint.as_directory() as d:
             state = Path(d) / CHECKPOINT_FILE
             step = int(Path(d, "step").read_text())
+            # PBT hands a trial another trial's weights under this trial's hyperparameters: the
+            # checkpoint is recorded as this configuration's, which resume checks.
+            restored = load_checkpoint(str(state))
+            restored.update(config=cfg.to_dict(), config_identity=config_identity(cfg))
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(state, run_dir / "checkpoints" / f"ckpt-{step:08d}.pt")
+            (run_dir / "checkpoints" / f"ckpt-{step:08d}.pt").write_bytes(save_torch(restored))
     reporter = Reporter(run_dir, spec.metric)
     train_ray(cfg, str(run_dir), resume=checkpoint is not None, progress=False, say=_quiet, on_log=reporter.on_log)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from reptile_dist.config import ConfigError
 from reptile_dist.data.classes import ImageClass, ImageClasses
 from reptile_dist.tasks.base import Task
 
@@ -65,5 +66,5 @@ class ImageFamily:
 
     def eval_task(self, rng: np.random.Generator, split: str) -> Task:
         if not self.classes.splits.get(split):
-            raise ValueError(f"split '{split}' has no classes")
+            raise ConfigError(f"split '{split}' has no classes")
         return self._task(rng, split, self.shots, self.queries)

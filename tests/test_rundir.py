@@ -1,0 +1,171 @@
+"""Run directories and resume: what a run directory refuses, and what a resume verifies."""
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny
+from reptile_dist.config import Config
+from reptile_dist.local import train_local
+from reptile_dist.rundir import RunDir, RunDirError, load_checkpoint
+from reptile_dist.training import RunFailed
+
+quiet = dict(progress=False, say=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 4-step run with checkpoints at 2 and 4."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train_local(tiny("synthetic", meta_iters=4, checkpoint_every=2), str(out), **quiet)
+    return out
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / ".lock").unlink(missing_ok=True)
+    return dst
+
+
+def _interrupted(finished, tmp_path):
+    """The finished run as it was after its step-2 checkpoint."""
+    out = _copy(finished, tmp_path / "run")
+    for name in ("final.pt", "summary.json", "checkpoints/ckpt-00000004.pt"):
+        (out / name).unlink()
+    return out
+
+
+def test_resume_needs_nothing_but_the_folder(finished, tmp_path):
+    out = _interrupted(finished, tmp_path)
+    cfg = RunDir(str(out)).recorded_config()  # what `train --out DIR --resume` alone uses
+    assert cfg == tiny("synthetic", meta_iters=4, checkpoint_every=2)
+    summary = train_local(cfg, str(out), resume=True, **quiet)
+    assert summary["meta_iters"] == 4
+    a, b = (load_checkpoint(str(run / "final.pt"))["model_state"] for run in (out, finished))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the resumed run ends where the uninterrupted one did
+
+
+def test_an_edited_config_yaml_is_refused_by_the_checkpoints_own_config(finished, tmp_path):
+    out = _interrupted(finished, tmp_path)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    recorded.update(inner_lr=0.01, meta_iters=6)
+    (out / "config.yaml").write_text(yaml.safe_dump(recorded))
+    cfg = RunDir(str(out)).recorded_config()
+    with pytest.raises(RunDirError, match=r"another configuration \(differs in: inner_lr, meta_iters\)"):
+        train_local(cfg, str(out), resume=True, **quiet)
+    assert not (out / "final.pt").exists()
+
+
+def test_a_config_yaml_without_a_newer_field_resumes_with_its_default(finished, tmp_path):
+    out = _interrupted(finished, tmp_path)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    del recorded["inner_state"]  # as a version before the field existed wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(recorded))
+    cfg = RunDir(str(out)).recorded_config()
+    assert cfg.inner_state == Config().inner_state
+    assert train_local(cfg, str(out), resume=True, **quiet)["meta_iters"] == 4
+
+
+def test_no_readable_checkpoint_refuses_to_resume_and_changes_nothing(finished, tmp_path):
+    out = _interrupted(finished, tmp_path)
+    (out / "checkpoints" / "ckpt-00000002.pt").write_bytes(b"truncated")
+    rows = (out / "metrics.parquet").read_bytes()
+    with pytest.raises(RunDirError, match="no readable checkpoint to resume from \\(1 found, none readable\\)"):
+        train_local(tiny("synthetic", meta_iters=4, checkpoint_every=2), str(out), resume=True, **quiet)
+    assert (out / "metrics.parquet").read_bytes() == rows
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(finished):
+    before = {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.name != ".lock"}
+    said = []
+    cfg = tiny("synthetic", meta_iters=4, checkpoint_every=2, eval_tasks=2)  # even with other settings
+    summary = train_local(cfg, str(finished), resume=True, progress=False, say=said.append)
+    assert summary == json.loads((finished / "summary.json").read_text())
+    assert said == [f"{finished} is a finished run (4 meta-steps); nothing to resume"]
+    assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.name != ".lock"} == before
+
+
+def test_a_run_directory_records_its_format_and_identity_and_so_do_checkpoints(finished):
+    run = json.loads((finished / "run.json").read_text())
+    checkpoint = load_checkpoint(str(finished / "checkpoints" / "ckpt-00000004.pt"))
+    assert run["format"] == "reptile-dist-run-v1"
+    assert run["config_identity"] == checkpoint["config_identity"] and len(run["config_identity"]) == 16
+
+
+@pytest.mark.parametrize("make", ["user folder", "file", "root"])
+def test_a_folder_that_is_not_a_run_is_refused_and_left_alone(tmp_path, make):
+    cfg = tiny("synthetic", meta_iters=2)
+    if make == "user folder":
+        out = tmp_path / "mine"
+        out.mkdir()
+        (out / "summary.json").write_text("my own results")
+        message = "not empty and holds no run"
+    elif make == "file":
+        out = tmp_path / "notes.txt"
+        out.write_text("my notes")
+        message = "is a file"
+    else:
+        out, message = "/", "not empty and holds no run"
+    with pytest.raises(RunDirError, match=message):
+        train_local(cfg, str(out), **quiet)
+    if make == "user folder":
+        assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+        assert (out / "summary.json").read_text() == "my own results"
+
+
+def test_a_second_training_into_the_same_folder_is_refused(tmp_path):
+    cfg = tiny("synthetic", meta_iters=2)
+    out = tmp_path / "run"
+    holder = RunDir(str(out))
+    holder.start(cfg)  # another training holding the folder
+    with pytest.raises(RunDirError, match="in use by another training"):
+        train_local(cfg, str(out), resume=True, **quiet)
+    holder.release()
+    with pytest.raises(RunDirError, match="no readable checkpoint"):  # free now: the next check speaks
+        train_local(cfg, str(out), resume=True, **quiet)
+
+
+def test_temporaries_left_by_a_crash_are_removed_at_start(finished, tmp_path):
+    out = _interrupted(finished, tmp_path)
+    stale = [out / ".config.yaml.k2j4.tmp", out / "checkpoints" / ".ckpt-00000004.pt.x9z.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    train_local(tiny("synthetic", meta_iters=4, checkpoint_every=2), str(out), resume=True, **quiet)
+    assert not any(path.exists() for path in stale)
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run_and_no_bad_theta_is_saved(tmp_path):
+    # An inner step size this large overflows within a step: every later sum is NaN or Inf.
+    cfg = tiny("synthetic", meta_iters=30, checkpoint_every=1, keep_checkpoints=2, inner_optimizer="sgd",
+               inner_lr=1e30, max_rejected_updates=3)
+    out = tmp_path / "run"
+    with pytest.raises(RunFailed, match="rejected for 3 meta-steps in a row|no longer finite"):
+        train_local(cfg, str(out), **quiet)
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert checkpoints, "the good checkpoints before the failure are kept"
+    for path in checkpoints:
+        assert torch.isfinite(load_checkpoint(str(path))["outer"]["theta"]).all()
+    assert not (out / "final.pt").exists()
+
+
+def test_summaries_are_valid_json_whatever_they_hold(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    run.write_summary({"test_loss": math.nan, "nested": {"a": [math.inf, 1.0]}, "t": torch.tensor(2.5)})
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"test_loss": None,
+                                                                           "nested": {"a": [None, 1.0]}, "t": 2.5}
+
+
+def test_the_cli_resumes_from_the_folder_alone_and_refuses_a_flag_that_disagrees(finished, tmp_path, capsys):
+    from reptile_dist.cli import main
+
+    out = _interrupted(finished, tmp_path)
+    assert main(["train", "--out", str(out), "--resume", "--set", "inner_lr=0.5", "--no-progress"]) == 2
+    assert "differs in: inner_lr" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0  # as recorded
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["meta_iters"] == 4
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0  # finished: says so
+    assert "nothing to resume" in capsys.readouterr().out
