@@ -10,7 +10,7 @@ import sys
 from reptile_dist.config import PRESETS, ConfigError, load_config, parse_overrides
 
 DEFAULT_CONFIG = "sine"
-from reptile_dist.errors import UserError
+from reptile_dist.errors import RunFailed, UserError
 
 # OSErrors the user can fix (a path that is missing, a folder, a file, not theirs; a disk that is
 # full or read-only): one line naming the path. Any other OSError is not known to be the user's.
@@ -275,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (isinstance(exc, ENVIRONMENT_OSERRORS) or exc.errno in ENVIRONMENT_ERRNOS):
             raise
         return _error(_describe_os_error(exc, getattr(args, "out", None)))
-    except RuntimeError as exc:
-        if type(exc).__name__ != "RunFailed":
-            raise
+    except RunFailed as exc:
         print(f"reptile-dist: run stopped: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""The one base class of the errors a user can act on."""
+"""The one base class of the errors a user can act on, and the error that stops a run."""
 from __future__ import annotations
 
 
@@ -10,3 +10,9 @@ class UserError(Exception):
     `reptile-dist: error: <message>` and exits with code 2. Anything else that escapes a command
     is a bug and keeps its traceback.
     """
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (every update rejected for too long, theta no longer finite, an actor
+    failing again and again or that cannot be placed); its checkpoints are kept. The CLI prints it
+    as one line and exits with code 1."""

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from reptile_dist.config import Config, ConfigError
+from reptile_dist.errors import RunFailed
 from reptile_dist.evaluation import evaluate, headline
 from reptile_dist.models import build_model
 from reptile_dist.reptile import DeltaSum, InnerMoment, Learner, OuterOptimizer, meta_step
@@ -39,11 +40,6 @@ def periodic_split(family: TaskFamily) -> str:
         return "val"
     classes = getattr(family, "classes", None)
     return "val" if classes is not None and classes.splits.get("val") else "test"
-
-
-class RunFailed(RuntimeError):
-    """The run cannot go on (every update rejected for too long, theta no longer finite, a worker
-    that keeps failing); its checkpoints are kept."""
 
 
 def checkpoint_state(cfg: Config, step: int, outer_state: dict[str, Any], **extra: Any) -> dict[str, Any]:

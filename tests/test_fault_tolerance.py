@@ -32,6 +32,7 @@ def _wait_for(path, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a Ray run waited on past a checkpoint: 18-40 s
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_killed_worker_is_replaced_and_the_run_completes(ray_local, tmp_path, mode):
     cfg = tiny("sine", meta_iters=150, log_every=10, checkpoint_every=25).replace(backend="ray", mode=mode, workers=2)
@@ -47,6 +48,7 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(ray_local, tmp_path, 
     assert any("replaced" in e for e in events)
 
 
+@pytest.mark.slow  # a Ray run waited on past two checkpoints, then a local one: 20-26 s
 def test_a_killed_parameter_server_is_restored_from_the_last_checkpoint(ray_local, tmp_path):
     every = 20
     cfg = tiny("sine", meta_iters=120, log_every=10, checkpoint_every=every)
@@ -64,6 +66,7 @@ def test_a_killed_parameter_server_is_restored_from_the_last_checkpoint(ray_loca
     assert torch.allclose(_params(out), _params(tmp_path / "local"), atol=1e-6)
 
 
+@pytest.mark.slow  # two CLI runs, each starting its own Ray
 def test_resume_after_an_interrupt_equals_the_uninterrupted_sync_run(tmp_path):
     out = tmp_path / "run"
     args = CLI + ["train", "--config", "sine", "--backend", "ray", "--workers", "2", "--mode", "sync", "--no-progress",
@@ -97,6 +100,10 @@ BAD_INPUTS = [
     ("corrupt data file", ["--config", "omniglot-5w1s", "--data", "{garbage}"], "garbage.arrow"),
     ("unreachable address", ["--backend", "ray", "--address", "127.0.0.1:9"], "cannot reach the Ray cluster"),
     ("folder holds a different run", ["--set", "inner_lr=0.5", "--out", "{existing}"], "different run"),
+    ("folder as config", ["--config", os.path.dirname(os.path.abspath(__file__))], "is a folder"),
+    ("config file that is not a mapping", ["--config", "{garbage}"], "expected a mapping"),
+    ("out is an existing file", ["--out", "{garbage}"], "garbage.arrow"),
+    ("out below an existing file", ["--out", "{garbage}/run"], "garbage.arrow"),
 ]
 
 
@@ -121,3 +128,112 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, existing_run, name, 
     assert len(errors) == 1 and message in errors[0], result.stderr[-1500:]
     assert "Traceback" not in result.stderr
     assert {p: p.stat().st_mtime_ns for p in existing_run.rglob("*")} == before  # nothing already written touched
+
+
+BAD_CONFIG_FILES = [
+    ("number as data", b"data: 5\n", "data must be a string, got 5"),
+    ("list as data", b"data: [a]\n", "data must be a string, got ['a']"),
+    ("invalid YAML", b"inner_lr: [\n", "not valid YAML"),
+    ("number as key", b"5: x\n", "key 5 is not a name"),
+    ("binary file", b"\x89PNG\r\n\x1a\n\xff\xfe", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_CONFIG_FILES, ids=[b[0] for b in BAD_CONFIG_FILES])
+def test_a_bad_config_file_gives_one_line_and_exit_code_2(tmp_path, name, content, message):
+    config = tmp_path / "mine.yaml"
+    config.write_bytes(content)
+    result = subprocess.run(CLI + ["train", "--config", str(config), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2, (result.returncode, result.stderr[-1500:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("reptile-dist: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bug_ends_in_its_traceback_not_in_a_bad_input_line(tmp_path):
+    # A plain ValueError from our own code is a bug: Python's traceback and exit code 1, never exit 2.
+    code = ("import sys, reptile_dist.cli as cli\n"
+            "def broken(args):\n    raise ValueError('a bug in a command')\n"
+            "cli.COMMANDS['config'] = broken\nsys.exit(cli.main(['config']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-1500:]
+    assert "Traceback" in result.stderr and "ValueError: a bug in a command" in result.stderr
+    assert "reptile-dist: error:" not in result.stderr
+
+
+def _events(out):
+    return [r["event"] for r in pq.read_table(out / "metrics.parquet").to_pylist() if r.get("event")]
+
+
+@pytest.mark.slow  # a Ray run waited on past a checkpoint: 21-30 s
+@pytest.mark.parametrize("eval_every", [10, 0], ids=["periodic evaluations", "final evaluation only"])
+def test_a_killed_evaluator_is_restarted_and_the_run_ends_with_a_full_evaluation(ray_local, tmp_path, eval_every):
+    # With periodic evaluations the loss shows as a lost one; without, as a lost shard of the final one.
+    cfg = tiny("sine", meta_iters=150, log_every=10, checkpoint_every=25, eval_every=eval_every, eval_tasks=30)
+    out = tmp_path / "run"
+    thread, outcome = in_thread(lambda: train_ray(cfg.replace(backend="ray", mode="sync", workers=2), str(out), **quiet))
+    _wait_for(out / "checkpoints" / "ckpt-00000025.pt")
+    ray.kill(named_actor("evaluator-"))
+    thread.join(timeout=180)
+    assert "value" in outcome, outcome
+    summary = outcome["value"]
+    assert summary["eval_tasks"] == 30 and summary["evaluator_restarts"] == 1
+    assert any(e.startswith("evaluator restarted") for e in _events(out))
+
+
+@pytest.mark.slow  # a worker and two replacements crash in turn, 1 s and 2 s apart: ~31 s
+def test_a_task_that_crashes_every_replacement_stops_the_run_after_max_failures(ray_local, tmp_path, monkeypatch):
+    from reptile_dist.engine.adapt_worker import CRASH_FILE_ENV
+    from reptile_dist.engine.driver import RunFailed
+
+    crash = tmp_path / "crash"
+    crash.write_text("5 0")  # meta-step 5, task 0: worker 0's share in sync mode, for every replacement too
+    monkeypatch.setenv(CRASH_FILE_ENV, str(crash))
+    cfg = tiny("sine", meta_iters=50, checkpoint_every=2, max_failures=2).replace(backend="ray", mode="sync", workers=2)
+    out = tmp_path / "run"
+    thread, outcome = in_thread(lambda: train_ray(cfg, str(out), **quiet))
+    thread.join(timeout=120)
+    assert isinstance(outcome.get("error"), RunFailed), outcome
+    message = str(outcome["error"])
+    assert "worker 0 failed 3 times in a row, the last at meta-step 5 (max_failures=2)" in message, message
+    assert "\n" not in message
+    assert (out / "checkpoints" / "ckpt-00000004.pt").exists() and not (out / "final.pt").exists()
+    assert _events(out).count("worker 0 replaced") == 2
+
+
+def test_a_parameter_server_lost_while_skipping_a_dead_workers_step_is_left_to_the_restore(ray_local, tmp_path):
+    # The PS dying inside complete_step is not deterministic end to end: the handling path on a real dead PS.
+    import numpy as np
+
+    from reptile_dist.engine.driver import EngineRun
+    from reptile_dist.engine.parameter_server import ParameterServer
+
+    cfg = tiny("sine").replace(backend="ray", mode="sync", workers=2, on_worker_loss="skip")
+    said = []
+    run = EngineRun(cfg, str(tmp_path / "run"), resume=False, progress=False, say=said.append, on_log=None)
+    run.ps = ray.remote(ParameterServer).options(num_cpus=0).remote(cfg.to_dict(), np.zeros(3, dtype=np.float32))
+    ray.kill(run.ps)
+    run.worker_died(0, {"progress": 3.0, "done": False})  # completes the step on the dead PS: no error
+    assert list(run.down) == [0] and "worker 0 died at meta-step 3" in said[0], said  # a replacement is due
+    with pytest.raises(ray.exceptions.RayActorError):  # the next drain finds the PS dead, and watch restores it
+        run.ps_call(run.ps.drain)
+
+
+def test_restarts_back_off_and_stop_the_run_past_max_failures():
+    from reptile_dist.engine.driver import BACKOFF_MAX_S, HEALTHY_S, Restarts, RunFailed
+
+    restarts = Restarts(limit=3)
+    restarts.start("worker 1")
+    assert [restarts.failed("worker 1", 7.0) for _ in range(3)] == [1.0, 2.0, 4.0]
+    with pytest.raises(RunFailed, match=r"^worker 1 failed 4 times in a row, the last at meta-step 7 \(max_failures=3\)"):
+        restarts.failed("worker 1", 7.0)
+    restarts.start("worker 0")
+    restarts.failed("worker 0", 7.0)
+    restarts.started["worker 0"] -= HEALTHY_S  # it ran a while...
+    assert restarts.failed("worker 0", 7.0) == 2.0  # ...but the run did not move on: still in a row
+    restarts.started["worker 0"] -= HEALTHY_S
+    assert restarts.failed("worker 0", 9.0) == 1.0  # ran a while and the run moved on: from zero
+    unlimited = Restarts(limit=-1)
+    assert [unlimited.failed("the evaluator", 1.0) for _ in range(10)][-1] == BACKOFF_MAX_S

@@ -169,3 +169,33 @@ def test_the_cli_resumes_from_the_folder_alone_and_refuses_a_flag_that_disagrees
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["meta_iters"] == 4
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0  # finished: says so
     assert "nothing to resume" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import reptile_dist.rundir as rundir
+    from reptile_dist.cli import main
+    from reptile_dist.files import atomic_write
+
+    def full_disk_at_step_4(path, content):
+        if "ckpt-00000004" not in str(path):
+            return atomic_write(path, content)
+
+        def half_then_enospc(sink):
+            sink.write(content[: len(content) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return atomic_write(path, half_then_enospc)
+
+    monkeypatch.setattr(rundir, "atomic_write", full_disk_at_step_4)
+    out = tmp_path / "run"
+    args = ["train", "--config", "synthetic", "--out", str(out), "--no-progress", "--set", "meta_iters=6",
+            "--set", "checkpoint_every=2", "--set", "eval_tasks=5", "--set", "eval_tasks_periodic=5",
+            "--set", "eval_every=0", "--set", "torch_threads=1"]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("reptile-dist: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "ckpt-00000004" in errors[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000002.pt"]  # whole, no temporary
+    assert load_checkpoint(str(out / "checkpoints" / "ckpt-00000002.pt"))["step"] == 2
+    monkeypatch.undo()  # space again: the run resumes from the folder alone
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0

@@ -7,6 +7,7 @@ trial's (bundle 0), so the engine's start at offset 1.
 """
 from __future__ import annotations
 
+import os
 import uuid
 
 import numpy as np
@@ -15,9 +16,9 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from reptile_dist.config import Config
-from reptile_dist.engine.adapt_worker import AdaptWorker, Workspace
+from reptile_dist.engine.adapt_worker import CRASH_FILE_ENV, AdaptWorker, Workspace
 from reptile_dist.engine.cluster import ClusterError, engine_bundles
-from reptile_dist.engine.parameter_server import ParameterServer
+from reptile_dist.engine.parameter_server import PS_CPUS, ParameterServer
 from reptile_dist.training import LoopHooks
 
 PLACEMENT_TIMEOUT_S = 120
@@ -67,20 +68,21 @@ class EngineActors:
                          applied_tasks: int = 0, generation: int = 1):
         # Half of bundle 0's CPU: the PS mostly waits, and the evaluator takes the other half.
         return self._started(ray.remote(ParameterServer).options(
-            name=f"ps-{self.run_id}-{generation}", num_cpus=0.5, max_concurrency=1000,
+            name=f"ps-{self.run_id}-{generation}", num_cpus=PS_CPUS, max_concurrency=1000,
             scheduling_strategy=self.in_bundle(0),
         ).remote(self.cfg.to_dict(), theta, outer_state, version, applied_tasks))
 
-    def evaluator(self):
-        return self._started(ray.remote(Workspace).options(num_cpus=0.5, scheduling_strategy=self.in_bundle(0))
-                             .remote(self.cfg.to_dict()))
+    def evaluator(self, generation: int = 1):
+        return self._started(ray.remote(Workspace).options(
+            name=f"evaluator-{self.run_id}-{generation}", num_cpus=0.5, scheduling_strategy=self.in_bundle(0),
+        ).remote(self.cfg.to_dict()))
 
     def worker(self, w: int, generation: int = 0):
         res = self.bundles[1 + w]
         return self._started(ray.remote(AdaptWorker).options(
             name=f"worker-{self.run_id}-{w}" + (f"-r{generation}" if generation else ""),
             max_concurrency=WORKER_CONCURRENCY, num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
-            scheduling_strategy=self.in_bundle(1 + w),
+            scheduling_strategy=self.in_bundle(1 + w), **_fault_injection(),
         ).remote(self.cfg.to_dict(), w, self.hooks))
 
     def close(self) -> None:
@@ -89,3 +91,10 @@ class EngineActors:
         self.actors = []
         if self.own_pg:
             remove_placement_group(self.pg)
+
+
+def _fault_injection() -> dict:
+    """Fault injection for tests and drills: a worker process does not see the driver's environment
+    (a local Ray started its processes earlier), so the crash file travels in the runtime env."""
+    path = os.environ.get(CRASH_FILE_ENV)
+    return {"runtime_env": {"env_vars": {CRASH_FILE_ENV: path}}} if path else {}

@@ -4,6 +4,7 @@ never wait for evaluation."""
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from reptile_dist.engine.wire import DeltaCodec
 from reptile_dist.training import LoopHooks, make_learner, set_torch_threads
 
 PUSH_LOG_LENGTH = 100_000  # the newest pushes kept for push_log()
+CRASH_FILE_ENV = "REPTILE_DIST_CRASH_FILE"  # fault injection for tests and drills: AdaptWorker._crash_if_planned
 
 
 def worker_share(cfg: Config, index: int) -> list[int]:
@@ -89,6 +91,7 @@ class AdaptWorker(Workspace):
             share = worker_share(cfg, self.index)
             if not share:
                 continue
+            self._crash_if_planned(version, share)
             with self._learner_lock:
                 if loop != self._loop:
                     break
@@ -125,6 +128,19 @@ class AdaptWorker(Workspace):
         """(wall time sent, latency s, bytes pushed, bytes pulled) of the newest pushes (the encoded sum, and
         theta with the carried inner estimate when there is one)."""
         return list(self._pushes)
+
+    def _crash_if_planned(self, version: int, share: list[int]) -> None:
+        """Fault injection for tests and drills: while the file named by $REPTILE_DIST_CRASH_FILE
+        exists and holds "<meta-step> <task index>", the worker about to adapt that task at that
+        version exits at once, as a task that crashes its process would make it. Every replacement
+        meets the same task (tasks are seeded by step and index) and exits too."""
+        path = os.environ.get(CRASH_FILE_ENV)
+        if not path or not os.path.exists(path):
+            return
+        with open(path) as f:
+            step, task = (int(x) for x in f.read().split())
+        if version == step and task in share:
+            os._exit(1)
 
     def poison_next_push(self) -> None:
         """Fault injection for tests and drills: the next delta this worker sends is all NaN."""
