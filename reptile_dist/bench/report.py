@@ -69,7 +69,8 @@ def engine_section(rows: list[dict[str, Any]]) -> str:
     if any(r["mode"] == "allreduce" for r in rows):
         lines += ["", "allreduce rows: no parameter server (PS busy 0, staleness 0); the latency columns hold rank 0's "
                       "all-reduce (including waiting for the slowest worker), all-reduce share its part of the "
-                      "window; MB/s is modelled for a ring all-reduce, 2(W-1) float64 vectors per meta-step. "
+                      "window; MB/s is modelled for a ring all-reduce, 2(W-1) vectors per meta-step (the delta, and the "
+                      "carried estimates' sum, in the wire precision, with float64 counts). "
                       "Ray Train's start-up is not in the window."]
     return "\n".join(lines)
 
