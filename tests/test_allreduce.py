@@ -113,3 +113,18 @@ def _cmdline(pid):
             return f.read()
     except OSError:
         return b""
+
+
+@pytest.mark.slow  # starts Ray Train
+def test_allreduce_stops_with_one_line_when_every_update_is_rejected(ray_local, tmp_path):
+    from reptile_dist.errors import RunFailed
+
+    # An inner step size this large overflows within a step: every later sum is NaN or Inf.
+    cfg = tiny("synthetic", meta_iters=30, checkpoint_every=1, keep_checkpoints=2, inner_optimizer="sgd",
+               inner_lr=1e30, max_rejected_updates=3)
+    out = tmp_path / "run"
+    with pytest.raises(RunFailed, match="rejected for 3 meta-steps in a row|no longer finite"):
+        train_ray(cfg.replace(backend="ray", mode="allreduce", workers=2), str(out), **quiet)
+    for path in (out / "checkpoints").iterdir():
+        assert torch.isfinite(load_checkpoint(str(path))["outer"]["theta"]).all()
+    assert not (out / "final.pt").exists()

@@ -41,6 +41,7 @@ from reptile_dist.evaluation import TaskScores, combine_scores, headline, score_
 from reptile_dist.reptile import DeltaSum, InnerMoment, OuterOptimizer
 from reptile_dist.rundir import RunDir, load_torch_bytes
 from reptile_dist.tasks import build_family
+from reptile_dist.errors import RunFailed
 from reptile_dist.training import (LoopHooks, RunSetup, Throughput, checkpoint_state, finish_run, finished_run,
                                    make_learner, meta_train, periodic_split, set_torch_threads, setup_run)
 
@@ -78,6 +79,8 @@ def _fit(cfg: Config, s: RunSetup, started: float, progress: bool, say: Callable
     done = result.return_value
     if done is None:  # aborted without an error
         raise KeyboardInterrupt
+    if "failed" in done:
+        raise RunFailed(done["failed"])
     s.run = s.run.hand_over(_reopened(s.run))  # rank 0 wrote the metric rows; finish_run's flush must keep them
     before = done["before"] if s.start_step == 0 else None
     if before is not None:
@@ -185,8 +188,15 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
                cfg.keep_checkpoints)
 
     share = worker_share(cfg, rank)  # as the PS sync mode shares a meta-step
-    throughput = meta_train(cfg, learner, family, outer, start, share, evaluate_sharded, record, combine=combine,
-                            hooks=hooks, worker=rank)
+    try:
+        throughput = meta_train(cfg, learner, family, outer, start, share, evaluate_sharded, record, combine=combine,
+                                hooks=hooks, worker=rank)
+    except RunFailed as exc:
+        # Every rank sees the same summed update, so all stop at the same meta-step; a restart of the
+        # group from its checkpoint would only meet the same update again.
+        if run is not None:
+            run.flush_metrics()
+        return {"failed": str(exc)} if rank == 0 else None
     test = evaluate_sharded("test", cfg.eval_tasks)
     if rank != 0:
         return None
