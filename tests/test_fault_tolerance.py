@@ -203,6 +203,7 @@ def test_a_task_that_crashes_every_replacement_stops_the_run_after_max_failures(
     assert _events(out).count("worker 0 replaced") == 2
 
 
+@pytest.mark.slow  # the only test of the fast tier that would start Ray
 def test_a_parameter_server_lost_while_skipping_a_dead_workers_step_is_left_to_the_restore(ray_local, tmp_path):
     # The PS dying inside complete_step is not deterministic end to end: the handling path on a real dead PS.
     import numpy as np

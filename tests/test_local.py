@@ -48,6 +48,7 @@ def test_a_folder_holding_a_different_run_is_refused(tmp_path):
     assert (tmp_path / "run" / "final.pt").exists()  # nothing already written was lost
 
 
+@pytest.mark.slow  # three short trainings each; tests/test_rundir.py resumes in the fast tier
 @pytest.mark.parametrize("inner_state", ["fresh", "carried"])
 def test_resume_continues_to_the_same_result(tmp_path, inner_state):
     full = tiny("synthetic", meta_iters=6, checkpoint_every=3, inner_state=inner_state)
@@ -66,6 +67,7 @@ def test_resume_continues_to_the_same_result(tmp_path, inner_state):
         assert a["inner_moment"] is None
 
 
+@pytest.mark.slow  # a training and three evaluations
 def test_eval_of_a_carried_run_starts_from_its_saved_estimate(tmp_path, capsys):
     """`eval` of final.pt reproduces the run's own final evaluation, which started every test task
     from the estimate training left; starting them fresh instead scores differently."""
