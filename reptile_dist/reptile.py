@@ -358,14 +358,11 @@ class OuterOptimizer:
         worth of them moves theta as far as one synchronous meta-step."""
         # To float32 first, then scale: each pass over theta-sized vectors is what a parameter
         # server's push costs, so the fewest passes (every loop calls this, so they agree bit for bit).
+        # For sgd the 1/per rides in the step size (apply's add_ alpha), one pass fewer than dividing.
         per = per or total.tasks
         delta = total.delta.to(torch.float32)
         if self._adam is None:
-            moment = total.mean_moment()
-            if moment is not None and self.inner_moment is not None:
-                self.inner_moment = moment
-            self.param.data.add_(delta, alpha=step_size / per)
-            return self.param.data
+            return self.apply(delta, step_size / per, total.mean_moment())
         return self.apply(delta.div_(per), step_size, total.mean_moment())
 
     def state_dict(self) -> dict:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from reptile_dist.config import RETIRED_FIELDS, Config, ConfigError
+from reptile_dist.config import Config, ConfigError
 from reptile_dist.errors import UserError
 from reptile_dist.files import atomic_write
 
@@ -250,8 +250,7 @@ def load_checkpoint(uri: str) -> dict[str, Any]:
 
 
 def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    # Retired keys that an older version wrote are not part of the run's identity.
-    return {k: v for k, v in cfg.items() if k not in RUN_INVARIANT_IGNORES and k not in RETIRED_FIELDS}
+    return {k: v for k, v in cfg.items() if k not in RUN_INVARIANT_IGNORES}
 
 
 def config_differences(recorded: Config, cfg: Config) -> list[str]:

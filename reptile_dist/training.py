@@ -58,19 +58,17 @@ def require_finite(theta: torch.Tensor, step: int) -> None:
 
 class UpdateGuard:
     """The finite-update guard every loop applies before an outer update (the parameter server's
-    aggregator applies the same rule per push): a sum holding NaN or Inf is skipped and counted,
-    and `max_rejected_updates` skipped in a row stop the run."""
+    aggregator applies the same rule per push): a sum holding NaN or Inf is skipped, and
+    `max_rejected_updates` skipped in a row stop the run."""
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.rejected = 0
         self.in_a_row = 0
 
     def admit(self, total: DeltaSum, step: int) -> bool:
         if total.tasks and total.finite:
             self.in_a_row = 0
             return True
-        self.rejected += 1
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
             raise RunFailed(f"every update was rejected for {self.in_a_row} meta-steps in a row (non-finite "
