@@ -21,11 +21,18 @@ class ImageClass:
 
 @dataclass
 class ImageClasses:
-    """Images (n, H, W) uint8, possibly memory-mapped, and the classes of each split."""
+    """Images uint8, possibly memory-mapped, and the classes of each split.
+
+    `images` is (n, H, W) when `channels` is 1 and (n, H, W, channels) otherwise. `preprocessing`
+    says how a table's images were made from the source files (data.images records it, so a user's
+    own images can be converted the same way); None where there is no such record.
+    """
 
     images: np.ndarray
     splits: dict[str, list[ImageClass]]
     image_size: int = 28
+    channels: int = 1
+    preprocessing: dict | None = None
 
     def check(self, ways: int, images_per_class: int, field: str = "shots + queries", splits: tuple[str, ...] | None = None) -> None:
         """Raise ConfigError naming `field` if a split (default: every split) cannot supply the tasks asked for."""

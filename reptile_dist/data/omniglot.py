@@ -328,14 +328,15 @@ def _open_table(path: Path) -> tuple[pa.Table, int]:
     return table, size
 
 
-def _image_view(table: pa.Table, size: int) -> np.ndarray:
-    """The image column as a read-only (n, size, size) view of the mapped file: no pixel copy."""
+def _image_view(table: pa.Table, size: int, channels: int = 1) -> np.ndarray:
+    """The image column as a read-only (n, size, size) view of the mapped file, (n, size, size,
+    channels) for more than one channel: no pixel copy."""
     column = table.column("image")
     # One record batch is one chunk; our writer always makes one. combine_chunks would copy.
     images = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    pixels = size * size
+    pixels = size * size * channels
     data = np.frombuffer(images.buffers()[1], dtype=np.uint8, count=len(images) * pixels, offset=images.offset * pixels)
-    return data.reshape(len(images), size, size)
+    return data.reshape((len(images), size, size) + ((channels,) if channels > 1 else ()))
 
 
 def _characters(table: pa.Table, path: Path) -> tuple[np.ndarray, list[np.ndarray]]:
