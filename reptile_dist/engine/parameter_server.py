@@ -1,7 +1,8 @@
 """The ParameterServer actor: holds theta (flat float32 numpy, which Ray's object store moves
 zero-copy) and the outer optimizer, and serves pulls and pushes for the adapt workers.
 
-An asyncio actor, so a sync-mode pull can wait for the barrier without blocking pushes.
+An asyncio actor, so a sync-mode pull can wait for the barrier without blocking pushes. Its
+figures go to Ray's metrics API as they change (engine/metrics.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import ray
 
 from reptile_dist.config import Config
 from reptile_dist.engine.aggregation import Aggregator, Push
+from reptile_dist.engine.metrics import ParameterServerMetrics
 from reptile_dist.engine.wire import DeltaCodec, WireSum
 from reptile_dist.training import Cadence, set_torch_threads
 
@@ -39,6 +41,7 @@ class ParameterServer:
         self._theta_ref = None
         self._ref_version = -1
         self._last_progress = self.agg.progress
+        self.metrics = ParameterServerMetrics(self.agg.counters)
 
     @property
     def changed(self) -> asyncio.Condition:
@@ -76,6 +79,7 @@ class ParameterServer:
         if row is not None:
             self._after_update(row)
         self.busy_s += time.perf_counter() - t0
+        self.metrics.update(self.agg.counters, row, self.agg.progress, self.busy_fraction)
         async with self.changed:
             self.changed.notify_all()
 
@@ -84,6 +88,7 @@ class ParameterServer:
         (used when a worker died mid-step and the run is configured not to wait)."""
         row = self.agg.complete_step()
         self._after_update(row)
+        self.metrics.update(self.agg.counters, row, self.agg.progress, self.busy_fraction)
         async with self.changed:
             self.changed.notify_all()
         return self.agg.version
@@ -108,8 +113,12 @@ class ParameterServer:
         return {"rows": rows, "snapshots": snaps, "messages": messages, "version": self.agg.version,
                 "progress": self.agg.progress, "done": self.agg.done, "counters": self.agg.counters.as_dict(),
                 "rejected_in_a_row": self.agg.counters.rejected_in_a_row,
-                "busy_fraction": self.busy_s / max(time.perf_counter() - self.started, 1e-9),
+                "busy_fraction": self.busy_fraction,
                 "busy_s": self.busy_s, "uptime_s": time.perf_counter() - self.started}
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.busy_s / max(time.perf_counter() - self.started, 1e-9)
 
     def state(self) -> dict[str, Any]:
         return {**self.agg.state(), "theta": self.agg.theta.copy()}
