@@ -26,11 +26,11 @@ import json
 import numpy as np
 import torch
 
-from reptile_dist.adapt import load_pretrained
+from reptile_dist.pretrained import load_pretrained
 from reptile_dist.config import parse_overrides
 from reptile_dist.evaluation import evaluate, headline
 from reptile_dist.reptile import InnerMoment, OuterOptimizer, adapt_tasks, inner_optimizer
-from reptile_dist.tasks import build_family
+from reptile_dist.plugins import build_family
 from reptile_dist.tasks.base import TRAIN_STREAM, task_rng
 from reptile_dist.training import make_learner
 

@@ -53,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     omni = data_sub.add_parser("omniglot", help="build the Omniglot table from the official release")
     omni.add_argument("--source", nargs="*", default=[], help="images_background/images_evaluation zips or folders")
     omni.add_argument("--out", default=None, help="table to write (default data/omniglot.arrow)")
+    images = data_sub.add_parser("images", help="build an image table from class folders, Mini-ImageNet or CIFAR-100")
+    images.add_argument("--source", required=True,
+                        help="folder: train/ val/ test/ of class folders; class folders (with --split); Mini-ImageNet's "
+                             "images/ and CSVs or pickled caches; or cifar-100-python (with --layout)")
+    images.add_argument("--out", required=True, help="table to write (.arrow)")
+    images.add_argument("--size", type=int, default=84,
+                        help="images are centre-cropped to a square and resized to N x N (default 84; CIFAR is 32)")
+    images.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1: grayscale, 3: RGB (default)")
+    images.add_argument("--split", help="TRAIN:VAL:TEST class counts (64:16:20) or fractions (0.64:0.16:0.2), "
+                                        "for a flat folder of class folders")
+    images.add_argument("--seed", type=int, default=0, help="shuffles the classes that --split cuts (default 0)")
+    images.add_argument("--layout", default="auto",
+                        help="auto (default), split-folders, flat, mini-imagenet-csv, mini-imagenet-pickle, cifar-fs, fc100")
 
     cfg = sub.add_parser("config", help="show a resolved config, or every knob with its range")
     _config_args(cfg)
@@ -99,12 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="final.pt to write (for eval and adapt)")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change the model's config, e.g. --set shots=5 (the weights must still fit)")
+
+    plot = sub.add_parser("plot", help="learning curves of one or more runs side by side (PNG), running or finished")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories (local folders or s3:// / gs:// URIs)")
+    plot.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
+    plot.add_argument("--x", default="step", choices=("step", "tasks", "wall"),
+                      help="x axis: meta-step, tasks adapted, or wall-clock seconds")
+
+    status = sub.add_parser("status", help="step, tasks/s, ETA, latest evaluation of a running or finished run")
+    status.add_argument("run", metavar="RUN", help="run directory (local folder or s3:// / gs:// URI)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     return parser
 
 
 def cmd_train(args) -> int:
     overrides = parse_overrides(args.overrides)
-    for key in ("backend", "workers", "mode", "data"):
+    for key in ("backend", "workers", "mode", "data", "address"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.mode is not None or args.workers is not None:
@@ -118,17 +141,12 @@ def cmd_train(args) -> int:
         cfg = recorded.replace(**overrides)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
-    if cfg.backend == "local":
-        if args.address:
-            raise ConfigError("--address needs --backend ray")
-        from reptile_dist.local import train_local
-
-        summary = train_local(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    else:
-        from reptile_dist.engine.driver import train_ray
-
-        summary = train_ray(cfg, args.out, address=args.address, resume=args.resume, progress=not args.no_progress)
+    if cfg.backend == "local" and cfg.address:
+        raise ConfigError("--address needs --backend ray")
+    from reptile_dist.api import train
     from reptile_dist.rundir import json_safe
+
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
 
     shown = {k: summary.get(k) for k in ("test_accuracy", "test_ci95", "test_loss", "meta_iters", "tasks_per_s", "wall_s")}
     print(json.dumps(json_safe(shown), allow_nan=False))
@@ -136,40 +154,31 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from reptile_dist.evaluation import evaluate, headline
-    from reptile_dist.rundir import load_checkpoint
-    from reptile_dist.reptile import InnerMoment
-    from reptile_dist.training import FINAL_FORMAT, make_learner, set_torch_threads
-    from reptile_dist.config import Config
-    from reptile_dist.tasks import build_family
-    from torch.nn.utils import parameters_to_vector
+    from reptile_dist.api import evaluate
+    from reptile_dist.evaluation import headline
 
-    state = load_checkpoint(args.checkpoint)
-    if not isinstance(state, dict) or state.get("format") != FINAL_FORMAT:
-        raise ConfigError(f"{args.checkpoint} is not a final.pt written by reptile-dist train")
     overrides = parse_overrides(args.overrides)
     if args.data:
         overrides["data"] = args.data
     if args.tasks:
         overrides["eval_tasks"] = args.tasks
-    cfg = Config().replace(**state["config"]).replace(**overrides)
-    set_torch_threads(cfg)
-    family = build_family(cfg)
-    learner = make_learner(cfg, family)
-    learner.model.load_state_dict(state["model_state"])
-    theta = parameters_to_vector(learner.model.parameters()).detach().clone()
     # Carried inner state: tasks start from the estimate training left (`--set inner_state=fresh`: from zero).
-    moment = InnerMoment.from_state(state.get("inner_moment")) if cfg.carries_inner_moment else None
-    result = evaluate(learner, family, theta, cfg, args.split, cfg.eval_tasks, moment)
-    print(f"{args.split}: {headline(result, family.kind)}")
+    result = evaluate(args.checkpoint, split=args.split, overrides=overrides)
+    print(f"{args.split}: {headline(result, 'classification' if 'accuracy' in result else 'regression')}")
     print(json.dumps(result))
     return 0
 
 
 def cmd_data(args) -> int:
-    from reptile_dist.data.omniglot import DEFAULT_TABLE, prepare_omniglot
+    if args.dataset == "images":
+        from reptile_dist.data.images import prepare_images
 
-    summary = prepare_omniglot(args.source, args.out or DEFAULT_TABLE)
+        summary = prepare_images(args.source, args.out, size=args.size, channels=args.channels, split=args.split,
+                                 layout=args.layout, seed=args.seed)
+    else:
+        from reptile_dist.data.omniglot import DEFAULT_TABLE, prepare_omniglot
+
+        summary = prepare_omniglot(args.source, args.out or DEFAULT_TABLE)
     print(json.dumps(summary))
     return 0
 
@@ -221,7 +230,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    from reptile_dist.adapt import adapt_and_predict, check_output_file, to_table, write_csv
+    from reptile_dist.pretrained import adapt_and_predict, check_output_file, to_table, write_csv
 
     if args.out:
         check_output_file(args.out)  # before adapting, so a bad --out costs no work
@@ -235,15 +244,31 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from reptile_dist.adapt import export_final
+    from reptile_dist.pretrained import export_final
 
     final = export_final(args.checkpoint, args.out, parse_overrides(args.overrides))
     print(f"wrote {args.out} (meta-step {final['step']}, {final['family']}, {final['config']['ways']}-way)")
     return 0
 
 
+def cmd_plot(args) -> int:
+    from reptile_dist.runview import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out, args.x)}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from reptile_dist.rundir import json_safe
+    from reptile_dist.runview import format_status, run_status
+
+    status = run_status(args.run)
+    print(json.dumps(json_safe(status), allow_nan=False) if args.json else format_status(status))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "config": cmd_config, "tune": cmd_tune, "bench": cmd_bench,
-            "adapt": cmd_adapt, "export": cmd_export}
+            "adapt": cmd_adapt, "export": cmd_export, "plot": cmd_plot, "status": cmd_status}
 
 
 def _describe_os_error(exc: OSError, out: str | None = None) -> str:

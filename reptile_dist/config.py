@@ -5,8 +5,10 @@ command-line `--set key=value` overrides. Errors name the field and the allowed 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,7 +18,27 @@ import yaml
 
 from reptile_dist.errors import UserError
 
-PRESETS = ("sine", "omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s", "synthetic")
+PRESETS = ("sine", "omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s", "miniimagenet-5w1s",
+           "miniimagenet-5w5s", "synthetic")
+
+# The task families and networks shipped with the package: plug-ins like a user's, named here so
+# a config may call them by a short name (reptile_dist/plugins.py imports them by these paths).
+BUILTIN_FAMILIES = {
+    "sine": "reptile_dist.tasks.sine:sine_family",
+    "omniglot": "reptile_dist.tasks.images:omniglot_family",
+    "synthetic": "reptile_dist.tasks.synthetic:synthetic_family",
+    "images": "reptile_dist.tasks.images:images_family",
+}
+BUILTIN_MODELS = {
+    "sine_mlp": "reptile_dist.models:sine_mlp",
+    "omniglot_conv": "reptile_dist.models:omniglot_conv",
+    "miniimagenet_conv": "reptile_dist.models:miniimagenet_conv",
+}
+OBJECT_PREFIX = "object:"  # a factory handed to rd.train as a Python object (plugins.name_of)
+LOGGERS = ("tensorboard", "mlflow", "wandb")
+# `package.module:attribute.path`, as Python finds it (setuptools entry points' form)
+IMPORT_PATH_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class ConfigError(UserError):
@@ -24,18 +46,27 @@ class ConfigError(UserError):
 
 
 def knob(default, help: str, lo=None, choices=None, lo_open=False):
-    return field(default=default, metadata={"help": help, "lo": lo, "choices": choices, "lo_open": lo_open})
+    metadata = {"help": help, "lo": lo, "choices": choices, "lo_open": lo_open}
+    if isinstance(default, (dict, list)):  # a fresh copy per Config
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class Config:
     # Task family and data.
-    family: str = knob("sine", "task family", choices=("sine", "omniglot", "synthetic"))
-    data: str = knob("data/omniglot.arrow", "prepared image table (omniglot family)")
+    family: str = knob("sine", "task family: a built-in name, or module:factory (a plug-in: factory(cfg, **family_args) "
+                               "returns a TaskFamily)")
+    family_args: dict = knob({}, "keyword arguments for the family's factory")
+    data: str = knob("data/omniglot.arrow", "prepared image table (omniglot and images families)")
     split: str = knob("paper", "omniglot class split: paper (1200/423 characters) or alphabet (background/evaluation)",
                       choices=("paper", "alphabet"))
     val_characters: int = knob(0, "training characters held out as a validation split (for tuning)", lo=0)
-    model: str = knob("sine_mlp", "network", choices=("sine_mlp", "omniglot_conv", "miniimagenet_conv"))
+    model: str = knob("sine_mlp", "network: a built-in name, or module:factory (a plug-in: factory(cfg, **model_args) "
+                                 "returns a torch.nn.Module)")
+    model_args: dict = knob({}, "keyword arguments for the network's factory")
+    loss: str = knob("", "module:function(outputs, targets) -> scalar loss for adaptation and evaluation; empty: "
+                         "cross-entropy for classification, mean squared error for regression")
     init: str = knob("torch", "initial weights: PyTorch's layer defaults, or glorot (TensorFlow's, as the "
                               "reference code had)", choices=("torch", "glorot"))
     ways: int = knob(5, "classes per task (N-way)", lo=1)
@@ -70,7 +101,10 @@ class Config:
     eval_every: int = knob(1000, "meta-steps between periodic evaluations (0: never)", lo=0)
     eval_tasks_periodic: int = knob(100, "tasks per periodic evaluation", lo=1)
 
-    # Logging and checkpoints.
+    # Logging, checkpoints and devices.
+    loggers: list = knob(["tensorboard"], "where rows go besides metrics.parquet: any of tensorboard, mlflow, wandb")
+    device: str = knob("auto", "device of the local trainer, eval and adapt: auto (a GPU when there is one), cpu, "
+                               "cuda, cuda:N (Ray workers use the GPU Ray grants them)")
     log_every: int = knob(100, "meta-steps between metric rows", lo=1)
     checkpoint_every: int = knob(1000, "meta-steps between checkpoints (0: only the final one)", lo=0)
     keep_checkpoints: int = knob(3, "checkpoints kept on disk", lo=1)
@@ -78,6 +112,7 @@ class Config:
 
     # Distributed engine.
     backend: str = knob("local", "local: one process; ray: actors", choices=("local", "ray"))
+    address: str = knob("", "ray: the cluster to join ('auto', ray://host:10001); empty: start a local one in-process")
     mode: str = knob("sync", "sync: barrier per meta-step; async: apply deltas on arrival; "
                              "allreduce: Ray Train workers all-reduce deltas, no parameter server",
                      choices=("sync", "async", "allreduce"))
@@ -110,6 +145,15 @@ class Config:
             )
         if self.inner_state == "carried" and self.inner_optimizer != "adam":
             raise ConfigError("inner_state=carried needs inner_optimizer=adam (it carries Adam's second moment)")
+        _check_plugin("family", self.family, BUILTIN_FAMILIES)
+        _check_plugin("model", self.model, BUILTIN_MODELS)
+        if self.loss and not IMPORT_PATH_RE.match(self.loss):
+            raise ConfigError(f"loss={self.loss!r} is not an import path module:function")
+        if not DEVICE_RE.match(self.device):
+            raise ConfigError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        bad = [name for name in self.loggers if name not in LOGGERS]
+        if bad:
+            raise ConfigError(f"loggers: {bad[0]!r} is not one of {', '.join(LOGGERS)}")
         if self.val_characters and self.family != "omniglot":
             raise ConfigError("val_characters applies to the omniglot family only")
 
@@ -145,8 +189,30 @@ FIELD_NAMES = set(FIELDS)
 RETIRED_FIELDS = {"straggler_factor": 1.0, "straggler_worker": 0}
 
 
+def _check_plugin(key: str, value: str, builtins: dict[str, str]) -> None:
+    if value not in builtins and not IMPORT_PATH_RE.match(value) and not value.startswith(OBJECT_PREFIX):
+        raise ConfigError(f"{key}={value!r} is neither a built-in ({', '.join(builtins)}) nor an import path "
+                          f"module:factory")
+
+
+def _plain(value) -> bool:
+    """Values YAML, JSON and a checkpoint all hold as they are."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return not isinstance(value, float) or math.isfinite(value)
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
 def _check_field(f: dataclasses.Field, value) -> None:
     m = f.metadata
+    if f.type == "dict" and not (isinstance(value, dict) and _plain(value)):
+        raise ConfigError(f"{f.name} must be a mapping of names to plain values (numbers, strings, lists), "
+                          f"got {value!r}")
+    if f.type == "list" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ConfigError(f"{f.name} must be a list of names, got {value!r}")
     if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ConfigError(f"{f.name} must be a number, got {value!r}")
     if f.type == "int" and not isinstance(value, int):
@@ -172,6 +238,10 @@ def _coerce(name: str, value):
             value = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{name}={value!r} is not a valid value ({str(exc).splitlines()[0]})") from None
+    if kind == "list" and isinstance(value, str):  # --set loggers=tensorboard
+        value = [value] if value else []
+    if kind in ("list", "dict") and value is None:  # `family_args:` left empty in YAML, `--set loggers=`
+        value = [] if kind == "list" else {}
     if isinstance(value, str) and kind in ("int", "float"):
         # YAML 1.1 reads 1e-3 (no dot) as a string; Python reads it as the number users mean.
         try:
@@ -243,5 +313,10 @@ def describe() -> str:
             rng = " | ".join(map(str, m["choices"]))
         elif m["lo"] is not None:
             rng = f"{'>' if m['lo_open'] else '>='} {m['lo']}"
-        lines.append(f"{f.name:22} {f.default!s:20} {rng:24} {m['help']}")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{f.name:22} {default!s:20} {rng:24} {m['help']}")
+    lines += ["", "built-in families (family: NAME; any module:factory is a plug-in):"]
+    lines += [f"  {name:20} {path}" for name, path in BUILTIN_FAMILIES.items()]
+    lines += ["built-in networks (model: NAME; any module:factory is a plug-in):"]
+    lines += [f"  {name:20} {path}" for name, path in BUILTIN_MODELS.items()]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from reptile_dist.config import Config
-from reptile_dist.reptile import InnerMoment, Learner, task_loss
+from reptile_dist.reptile import InnerMoment, Learner
 from reptile_dist.tasks.base import EVAL_STREAMS, Task, TaskFamily, task_rng
 
 
@@ -59,26 +59,38 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
 
 
 def score_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, split: str,
-                task_indices: Iterable[int], moment: InnerMoment | None = None) -> TaskScores:
-    """Adapt to and score evaluation tasks `task_indices` of `split` (seeded by cfg.seed, split, i)."""
+                task_indices: Iterable[int], moment: InnerMoment | None = None,
+                transductive: bool | None = None) -> TaskScores:
+    """Adapt to and score evaluation tasks `task_indices` of `split` (seeded by cfg.seed, split, i).
+    Classification is scored both ways (`transductive` None), or only one way (True: all queries
+    in one batch; False: each query beside the support set, the slower); the loss is that of the
+    non-transductive outputs when they are computed."""
     scores = TaskScores([], [], [])
     for i in task_indices:
         rng = task_rng(cfg.seed, EVAL_STREAMS[split], 0, i)
         task: Task = family.eval_task(rng, split)
-        learner.adapt(theta, task.support_x, task.support_y, cfg.eval_inner_steps, cfg.eval_batch_size,
-                      cfg.inner_replacement, rng, moment=moment)
-        sx, qx, qy = (t.to(learner.device) for t in (task.support_x, task.query_x, task.query_y))
-        with torch.no_grad():
-            transductive = learner.model(qx)
-            if family.kind == "classification":
-                separate = non_transductive_outputs(learner.model, sx, qx)
-                scores.accuracy.append((separate.argmax(1) == qy).float().mean().item())
-                scores.transductive_accuracy.append((transductive.argmax(1) == qy).float().mean().item())
-                scores.loss.append(task_loss(family.kind, separate, qy).item())
-            else:
-                scores.loss.append(task_loss(family.kind, transductive, qy).item())
+        score_task(learner, family.kind, theta, cfg, task, rng, moment, transductive, scores)
     learner.load(theta)
     return scores
+
+
+def score_task(learner: Learner, kind: str, theta: torch.Tensor, cfg: Config, task: Task, rng: np.random.Generator,
+               moment: InnerMoment | None, transductive: bool | None, scores: TaskScores) -> None:
+    """Adapt theta to `task` with the evaluation's inner loop and add its scores to `scores`."""
+    learner.adapt(theta, task.support_x, task.support_y, cfg.eval_inner_steps, cfg.eval_batch_size,
+                  cfg.inner_replacement, rng, moment=moment)
+    sx, qx, qy = (t.to(learner.device) for t in (task.support_x, task.query_x, task.query_y))
+    with torch.no_grad():
+        together = learner.model(qx) if transductive is not False or kind != "classification" else None
+        if kind != "classification":
+            scores.loss.append(learner.loss(together, qy).item())
+            return
+        if together is not None:
+            scores.transductive_accuracy.append((together.argmax(1) == qy).float().mean().item())
+        if transductive is not True:
+            separate = non_transductive_outputs(learner.model, sx, qx)
+            scores.accuracy.append((separate.argmax(1) == qy).float().mean().item())
+        scores.loss.append(learner.loss(separate if transductive is not True else together, qy).item())
 
 
 def summarize(scores: TaskScores, prefix: str = "") -> dict[str, float]:

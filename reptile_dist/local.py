@@ -9,27 +9,33 @@ from tqdm import tqdm
 
 from reptile_dist.config import Config
 from reptile_dist.evaluation import evaluate
+from reptile_dist.plugins import Plugins
 from reptile_dist.training import (RunSetup, checkpoint_state, evaluate_before, finish_run, finished_run, meta_train,
-                                   set_torch_threads, setup_run)
+                                   resolve_device, set_torch_threads, setup_run)
 
 SHOWN = ("train_loss", "eval_accuracy", "eval_loss", "tasks_per_s")
 
 
 def train_local(cfg: Config, out: str, resume: bool = False, progress: bool = True,
-                say: Callable[[str], None] = print) -> dict[str, Any]:
+                say: Callable[[str], None] = print, on_log: Callable[[dict[str, Any]], None] | None = None,
+                plugins: Plugins | None = None) -> dict[str, Any]:
+    """Meta-train in this process, on `cfg.device`. `on_log(row)`: called with every logged row.
+    `plugins`: the family and network factories (default: the config's)."""
     started = time.perf_counter()
     finished = finished_run(out, resume, say)
     if finished is not None:
         return finished
+    device = resolve_device(cfg)
     set_torch_threads(cfg)
-    s = setup_run(cfg, out, resume, say)
+    s = setup_run(cfg, out, resume, say, plugins, device)
     try:
-        return _train(cfg, s, started, progress, say)
+        return _train(cfg, s, started, progress, say, on_log)
     finally:
         s.run.release()
 
 
-def _train(cfg: Config, s: RunSetup, started: float, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
+def _train(cfg: Config, s: RunSetup, started: float, progress: bool, say: Callable[[str], None],
+           on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     before = evaluate_before(s, say) if s.start_step == 0 else None
     bar = tqdm(total=cfg.meta_iters, initial=s.start_step, disable=not progress, desc="meta-train", dynamic_ncols=True)
 
@@ -39,9 +45,12 @@ def _train(cfg: Config, s: RunSetup, started: float, progress: bool, say: Callab
     def record(step: int, row: dict[str, Any] | None, checkpoint: bool) -> None:
         if row is not None:
             s.run.log(row)
+            if on_log is not None:
+                on_log(dict(row))
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in SHOWN and not math.isnan(v)})
         if checkpoint:
-            s.run.save_checkpoint(step, checkpoint_state(cfg, step, s.outer.state_dict()), cfg.keep_checkpoints)
+            s.run.save_checkpoint(step, checkpoint_state(cfg, step, s.outer.state_dict(),
+                                                                 family_info=s.learner.family_info), cfg.keep_checkpoints)
 
     throughput = meta_train(cfg, s.learner, s.family, s.outer, s.start_step, range(cfg.meta_batch_size),
                             evaluate_split, record, on_step=lambda step: bar.update(step - bar.n))

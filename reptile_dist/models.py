@@ -74,13 +74,25 @@ def glorot_init(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_model(name: str, ways: int, image_size: int = 28, init: str = "torch") -> nn.Module:
-    if name == "omniglot_conv":
-        model: nn.Module = OmniglotConv(ways, size=image_size)
-    elif name == "miniimagenet_conv":
-        model = MiniImageNetConv(ways)
-    elif name == "sine_mlp":
-        model = SineMLP()
-    else:
-        raise ValueError(f"unknown model '{name}'")
+def _image_shape(family, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(channels, height, width) of the family's images (image families say it), else `default`."""
+    return tuple(getattr(family, "input_shape", None) or default)
+
+
+def _initialised(model: nn.Module, init: str) -> nn.Module:
     return glorot_init(model) if init == "glorot" else model
+
+
+# The built-in networks, as plug-ins: factory(cfg, family=...) (config.BUILTIN_MODELS names them).
+def omniglot_conv(cfg, family=None) -> nn.Module:
+    channels, size, _ = _image_shape(family, (1, 28, 28))
+    return _initialised(OmniglotConv(cfg.ways, channels, size), cfg.init)
+
+
+def miniimagenet_conv(cfg, family=None) -> nn.Module:
+    channels, size, _ = _image_shape(family, (3, 84, 84))
+    return _initialised(MiniImageNetConv(cfg.ways, channels, size), cfg.init)
+
+
+def sine_mlp(cfg, hidden: int = 64) -> nn.Module:
+    return _initialised(SineMLP(hidden), cfg.init)

@@ -10,34 +10,30 @@ from __future__ import annotations
 
 import csv
 import io
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from reptile_dist.config import Config, ConfigError
-from reptile_dist.data.omniglot import IMAGE_SIZE, preprocess_image
+from reptile_dist.data.images import IMAGE_ERRORS, preprocess_like
+from reptile_dist.data.omniglot import preprocess_image
 from reptile_dist.errors import UserError
 from reptile_dist.evaluation import non_transductive_outputs
 from reptile_dist.files import atomic_write
-from reptile_dist.models import build_model
+from reptile_dist.plugins import FamilyInfo, Plugins
 from reptile_dist.reptile import InnerMoment, Learner
 from reptile_dist.rundir import load_checkpoint, save_torch
 from reptile_dist.tasks.images import load_images
-from reptile_dist.training import CHECKPOINT_FORMAT, FINAL_FORMAT, final_state
+from reptile_dist.training import CHECKPOINT_FORMAT, FINAL_FORMAT, final_state, resolve_device
 
 IMAGE_FAMILIES = ("omniglot", "synthetic")  # both store 28x28 uint8 images, ink 255 on paper 0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CSV_COLUMNS = ("file", "predicted_class", "probability")
 # A spreadsheet runs a cell starting with one of these as a formula (OWASP: CSV injection).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-# What Pillow raises for a file it cannot decode, a truncated one, or one whose header claims
-# more pixels than Image.MAX_IMAGE_PIXELS allows (DecompressionBombError).
-IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError,
-                struct.error)
 
 
 class AdaptError(UserError):
@@ -58,6 +54,7 @@ class Pretrained:
     theta: torch.Tensor
     step: int
     moment: InnerMoment | None = None  # the carried inner estimate adaptation starts from (inner_state: carried)
+    info: FamilyInfo | None = None  # what the file records of the family it was trained on
 
 
 def _config_of(state: dict, path: str) -> Config:
@@ -67,13 +64,30 @@ def _config_of(state: dict, path: str) -> Config:
         raise AdaptError(f"{path}: its config cannot be read ({exc})") from None
 
 
-def _learner_for(cfg: Config) -> Learner:
-    kind = "regression" if cfg.family == "sine" else "classification"
-    return Learner(build_model(cfg.model, cfg.ways, IMAGE_SIZE), kind, cfg.inner_optimizer, cfg.inner_lr)
+def _learner_for(cfg: Config, info: FamilyInfo, plugins: Plugins | None = None,
+                 device: str | torch.device = "cpu") -> Learner:
+    """The trained network's workspace, built by the run's own plug-ins without its data (the
+    model factory is handed the recorded FamilyInfo as its `family`)."""
+    plugins = plugins or Plugins.of(cfg)
+    torch.manual_seed(cfg.seed)
+    learner = Learner(plugins.build_model(cfg, info), info.kind, cfg.inner_optimizer, cfg.inner_lr, device,
+                      plugins.loss_for(info.kind))
+    learner.family_info = {"kind": info.kind, "input_shape": list(info.input_shape) if info.input_shape else None,
+                           "preprocessing": info.preprocessing}
+    return learner
 
 
-def load_pretrained(path: str) -> Pretrained:
-    """A final.pt of an image-classification run, as a learner and its theta."""
+def is_image_classifier(cfg: Config, info: FamilyInfo) -> bool:
+    if info.kind != "classification":
+        return False
+    return len(info.input_shape) == 3 if info.input_shape else cfg.family in IMAGE_FAMILIES
+
+
+def load_pretrained(path: str, family=None, model=None, device: str | torch.device | None = None,
+                    images: bool = True) -> Pretrained:
+    """A final.pt as a learner and its theta, its network built by the run's plug-ins (or the
+    factories `family` / `model`, for a run trained on Python objects), on `device` (default: the
+    config's); `images`: only an image classifier's (what the `adapt` command reads)."""
     state = load_checkpoint(path)  # CheckpointError for a missing or truncated file
     if not isinstance(state, dict) or state.get("format") != FINAL_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
@@ -82,10 +96,11 @@ def load_pretrained(path: str) -> Pretrained:
         raise AdaptError(f"{path} is not a final.pt written by reptile-dist (format {found!r}, expected "
                          f"{FINAL_FORMAT!r}){hint}")
     cfg = _config_of(state, path)
-    if cfg.family not in IMAGE_FAMILIES:
-        raise AdaptError(f"{path} is a {cfg.family} checkpoint; adapt needs an image-classification checkpoint "
-                         f"(family {' or '.join(IMAGE_FAMILIES)})")
-    learner = _learner_for(cfg)
+    info = FamilyInfo.from_state(state.get("family_info"), cfg)
+    if images and not is_image_classifier(cfg, info):
+        raise AdaptError(f"{path} is a {cfg.family} checkpoint ({info.kind}); adapt needs an image-classification "
+                         f"checkpoint")
+    learner = _learner_for(cfg, info, Plugins.of(cfg, family, model), device or resolve_device(cfg))
     try:
         learner.model.load_state_dict(state["model_state"])
     except (KeyError, RuntimeError) as exc:
@@ -97,7 +112,7 @@ def load_pretrained(path: str) -> Pretrained:
     moment = InnerMoment.from_state(state.get("inner_moment")) if cfg.carries_inner_moment else None
     if moment is not None and moment.sq.numel() != theta.numel():
         raise AdaptError(f"{path}: its inner second-moment estimate does not fit its weights")
-    return Pretrained(cfg, learner, theta, int(state.get("step", 0)), moment)
+    return Pretrained(cfg, learner, theta, int(state.get("step", 0)), moment, info)
 
 
 def export_final(checkpoint_path: str, out_path: str | Path, overrides: dict | None = None) -> dict:
@@ -108,17 +123,19 @@ def export_final(checkpoint_path: str, out_path: str | Path, overrides: dict | N
     state = load_checkpoint(checkpoint_path)
     found = state.get("format") if isinstance(state, dict) else None
     if found == FINAL_FORMAT:
-        pretrained = load_pretrained(checkpoint_path)
+        pretrained = load_pretrained(checkpoint_path, device="cpu", images=False)
         cfg, theta, step, moment = pretrained.cfg, pretrained.theta, pretrained.step, pretrained.moment
+        info = pretrained.info
     elif found == CHECKPOINT_FORMAT:
         outer = state.get("outer", {})
         cfg, theta, step = _config_of(state, checkpoint_path), outer.get("theta"), int(state["step"])
         moment = InnerMoment.from_state(outer.get("inner_moment"))
+        info = FamilyInfo.from_state(state.get("family_info"), cfg)
     else:
         raise AdaptError(f"{checkpoint_path} is not a reptile-dist checkpoint (format {found!r}, expected "
                          f"{CHECKPOINT_FORMAT!r} or {FINAL_FORMAT!r})")
     cfg = cfg.replace(**(overrides or {}))
-    learner = _learner_for(cfg)
+    learner = _learner_for(cfg, info)
     expected = learner.initial_theta().numel()
     if not isinstance(theta, torch.Tensor) or theta.numel() != expected:
         raise AdaptError(f"{checkpoint_path}: theta does not fit a {cfg.ways}-way {cfg.model} ({expected} parameters)")
@@ -150,20 +167,21 @@ def _image_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_images(files: list[Path]) -> torch.Tensor:
-    """float32 (n, 1, 28, 28) in [0, 1], converted as the training table was."""
+def read_images(files: list[Path], preprocessing: dict | None = None) -> torch.Tensor:
+    """float32 (n, C, H, W) in [0, 1], converted as the training table was: as its recorded
+    `preprocessing` says (tables of `reptile-dist data images`), else as Omniglot's (28x28 ink)."""
     pixels = []
     for path in files:
         try:
             with Image.open(path) as image:
-                pixels.append(preprocess_image(image))
+                pixels.append(preprocess_like(image, preprocessing) if preprocessing else preprocess_image(image))
         except IMAGE_ERRORS as exc:
             raise AdaptError(f"cannot read image {path}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
     images = np.stack(pixels)
     return torch.from_numpy(load_images(images, np.arange(len(images)), rotation=0))
 
 
-def read_support(path: str | Path, ways: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def read_support(path: str | Path, ways: int, preprocessing: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """One subfolder per class (label = index in sorted order), any number of images in each."""
     folder = _folder(path, "support")
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -182,15 +200,15 @@ def read_support(path: str | Path, ways: int) -> tuple[torch.Tensor, torch.Tenso
             raise AdaptError(f"class folder {cls} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         files += mine
         labels += [label] * len(mine)
-    return read_images(files), torch.tensor(labels, dtype=torch.long), [c.name for c in classes]
+    return read_images(files, preprocessing), torch.tensor(labels, dtype=torch.long), [c.name for c in classes]
 
 
-def read_queries(path: str | Path) -> tuple[torch.Tensor, list[Path]]:
+def read_queries(path: str | Path, preprocessing: dict | None = None) -> tuple[torch.Tensor, list[Path]]:
     folder = _folder(path, "query")
     files = _image_files(folder)
     if not files:
         raise AdaptError(f"query folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return read_images(files), files
+    return read_images(files, preprocessing), files
 
 
 def adapt_and_predict(checkpoint: str, support: str | Path, query: str | Path, steps: int | None = None,
@@ -200,17 +218,37 @@ def adapt_and_predict(checkpoint: str, support: str | Path, query: str | Path, s
     from `seed`), then predict every query."""
     model = load_pretrained(checkpoint)
     cfg = model.cfg
-    sx, sy, names = read_support(support, cfg.ways)
-    qx, files = read_queries(query)
+    preprocessing = model.info.preprocessing if model.info else None
+    sx, sy, names = read_support(support, cfg.ways, preprocessing)
+    qx, files = read_queries(query, preprocessing)
     if steps is not None and steps < 0:
         raise AdaptError(f"--steps={steps} is out of range (must be >= 0)")
-    learner = model.learner
-    learner.adapt(model.theta, sx, sy, cfg.eval_inner_steps if steps is None else steps, cfg.eval_batch_size,
-                  cfg.inner_replacement, np.random.default_rng(seed), moment=model.moment)
-    with torch.no_grad():
-        outputs = learner.model(qx) if transductive else non_transductive_outputs(learner.model, sx, qx)
-        probability, label = torch.softmax(outputs, dim=1).max(dim=1)
+    adapt_task(model, sx, sy, steps, seed)
+    outputs = predict(model.learner.model, sx, qx, transductive)
+    probability, label = torch.softmax(outputs, dim=1).max(dim=1)
     return [Prediction(f.name, names[int(k)], float(p)) for f, k, p in zip(files, label, probability)]
+
+
+def adapt_task(model: Pretrained, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
+               seed: int = 0) -> torch.nn.Module:
+    """Adapt the trained theta to one task with the evaluation's inner loop (`steps`, default the
+    config's eval_inner_steps, mini-batches of eval_batch_size drawn from `seed`; from the carried
+    second-moment estimate when the run kept one). Returns the adapted network (the workspace:
+    the next adaptation starts again from theta)."""
+    cfg = model.cfg
+    model.learner.adapt(model.theta, support_x, support_y, cfg.eval_inner_steps if steps is None else steps,
+                        cfg.eval_batch_size, cfg.inner_replacement, np.random.default_rng(seed), moment=model.moment)
+    return model.learner.model
+
+
+def predict(network: torch.nn.Module, support_x: torch.Tensor, query_x: torch.Tensor,
+            transductive: bool = False) -> torch.Tensor:
+    """The adapted network's outputs for the queries: all in one batch (transductive: batch norm
+    sees the queries together), or each query beside the support set, as evaluation does."""
+    device = next(network.parameters()).device
+    support_x, query_x = support_x.to(device), query_x.to(device)
+    with torch.no_grad():
+        return network(query_x) if transductive else non_transductive_outputs(network, support_x, query_x)
 
 
 def _inert(text: str) -> str:

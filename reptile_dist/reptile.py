@@ -101,9 +101,13 @@ class AdaptResult:
 class Learner:
     """A model used as the workspace for adapting copies of theta to tasks."""
 
-    def __init__(self, model: nn.Module, kind: str, optimizer: str, lr: float, device: str | torch.device = "cpu"):
+    def __init__(self, model: nn.Module, kind: str, optimizer: str, lr: float, device: str | torch.device = "cpu",
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.model = model.to(device)
         self.kind = kind
+        # The task loss: a plug-in's (`loss: module:function`), else the kind's default.
+        self.loss = loss or (lambda outputs, targets: task_loss(kind, outputs, targets))
+        self.family_info: dict | None = None  # what a trained model's file records of its family (plugins.family_info)
         self.optimizer = optimizer
         self.lr = lr
         self.device = torch.device(device)
@@ -161,7 +165,7 @@ class Learner:
         for batch in mini_batches(len(x), batch_size, steps, replacement, rng):
             index = torch.from_numpy(batch).to(self.device)
             out = self.model(x[index])
-            loss = task_loss(self.kind, out, y[index])
+            loss = self.loss(out, y[index])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -279,7 +283,7 @@ def adapt_tasks_batched(learner: Learner, family: TaskFamily, theta: torch.Tenso
 
     def loss_and_output(p, xb, yb):
         out = functional_call(learner.model, p, (xb,))
-        return task_loss(learner.kind, out, yb), out
+        return learner.loss(out, yb), out
 
     step_grad = vmap(grad_and_value(loss_and_output, has_aux=True))
     beta2, eps = 0.999, 1e-8  # torch.optim.Adam's defaults, as inner_optimizer() uses

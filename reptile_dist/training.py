@@ -17,20 +17,41 @@ import torch
 from reptile_dist.config import Config, ConfigError
 from reptile_dist.errors import RunFailed
 from reptile_dist.evaluation import evaluate, headline
-from reptile_dist.models import build_model
 from reptile_dist.reptile import DeltaSum, InnerMoment, Learner, OuterOptimizer, meta_step
 from reptile_dist.rundir import RunDir, RunDirError, config_differences, config_identity
-from reptile_dist.tasks import TaskFamily, build_family, image_size
+from reptile_dist.plugins import Plugins, check_network, family_info
+from reptile_dist.tasks import TaskFamily
 
 CHECKPOINT_FORMAT = "reptile-dist-checkpoint-v1"
 FINAL_FORMAT = "reptile-dist-final-v1"
 
 
-def make_learner(cfg: Config, family: TaskFamily, device: str = "cpu") -> Learner:
-    """The model workspace, initialised from cfg.seed so every process builds the same theta_0."""
+def make_learner(cfg: Config, family: TaskFamily, device: str | torch.device = "cpu",
+                 plugins: Plugins | None = None) -> Learner:
+    """The model workspace, initialised from cfg.seed so every process builds the same theta_0,
+    and checked on a sample task (plugins.check_network)."""
+    plugins = plugins or Plugins.of(cfg)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.ways, image_size(family), cfg.init)
-    return Learner(model, family.kind, cfg.inner_optimizer, cfg.inner_lr, device)
+    model = plugins.build_model(cfg, family)
+    learner = Learner(model, family.kind, cfg.inner_optimizer, cfg.inner_lr, device, plugins.loss_for(family.kind))
+    check_network(learner.model, family, cfg, learner.loss, learner.device)
+    learner.family_info = family_info(family)
+    return learner
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """The device `cfg.device` names for an in-process trainer, eval or adapt: `auto` is the first
+    GPU when torch sees one, else the CPU. A GPU asked for and absent is a one-line error."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg.device}, but torch sees no GPU here (torch.cuda.is_available() is False); "
+                              f"use device=auto or device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={cfg.device}, but torch sees {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def periodic_split(family: TaskFamily) -> str:
@@ -89,6 +110,7 @@ def final_state(cfg: Config, step: int, learner: Learner, theta: torch.Tensor,
         "step": step,
         "split": cfg.split if cfg.family == "omniglot" else cfg.family,
         "family": cfg.family,
+        "family_info": learner.family_info,
         "inner_moment": moment.state_dict() if moment is not None else None,
     }
 
@@ -185,6 +207,7 @@ class RunSetup:
     run: RunDir
     start_step: int
     restored: dict[str, Any] | None
+    plugins: Plugins
 
 
 def log_row(step: int, step_size: float, total: DeltaSum, tasks_per_s: float, wall_s: float) -> dict[str, Any]:
@@ -250,15 +273,18 @@ def meta_train(cfg: Config, learner: Learner, family: TaskFamily, outer: OuterOp
     return throughput
 
 
-def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], None] = print) -> RunSetup:
+def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], None] = print,
+              plugins: Plugins | None = None, device: str | torch.device = "cpu") -> RunSetup:
     """Load data, build theta_0 and the outer optimizer, claim `out`; when resuming, restore the
-    newest readable checkpoint, which must exist and belong to this configuration."""
-    family = build_family(cfg)
+    newest readable checkpoint, which must exist and belong to this configuration. The family and
+    network are built (and checked) before the run directory is touched."""
+    plugins = plugins or Plugins.of(cfg)
+    family = plugins.build_family(cfg)
+    learner = make_learner(cfg, family, device, plugins)
     run = RunDir(out)
     run.start(cfg, resume=resume)
     try:
-        learner = make_learner(cfg, family)
-        outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer, cfg.carries_inner_moment)
+        outer = OuterOptimizer(learner.initial_theta().cpu(), cfg.outer_optimizer, cfg.carries_inner_moment)
         start, restored = 0, None
         if resume:
             restored = run.latest_checkpoint(warn=say)
@@ -274,7 +300,7 @@ def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], 
     except BaseException:
         run.release()
         raise
-    return RunSetup(cfg, family, learner, outer, run, start, restored)
+    return RunSetup(cfg, family, learner, outer, run, start, restored, plugins)
 
 
 def _check_restored(state: dict[str, Any], cfg: Config, out: str) -> None:

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from reptile_dist.adapt import AdaptError, adapt_and_predict, export_final, load_pretrained
+from reptile_dist.pretrained import AdaptError, adapt_and_predict, export_final, load_pretrained
 from reptile_dist.cli import main
 from reptile_dist.config import load_config
 from reptile_dist.data.omniglot import load_omniglot
-from reptile_dist.models import build_model
+from reptile_dist.plugins import Plugins
 from reptile_dist.reptile import Learner
 from reptile_dist.rundir import save_torch
 from reptile_dist.training import FINAL_FORMAT, checkpoint_state, final_state
@@ -110,7 +110,7 @@ def test_adaptation_is_seeded(task_folder):
 
 def test_export_writes_a_final_pt_holding_the_checkpoints_theta(tmp_path):
     cfg = load_config("omniglot-5w1s")
-    theta = torch.randn(sum(p.numel() for p in build_model(cfg.model, cfg.ways).parameters()))
+    theta = torch.randn(sum(p.numel() for p in Plugins.of(cfg).build_model(cfg, None).parameters()))
     (tmp_path / "ckpt.pt").write_bytes(save_torch(checkpoint_state(cfg, 1500, {"kind": "sgd", "theta": theta})))
     assert main(["export", "--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "model.pt")]) == 0
     state = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -171,7 +171,7 @@ def test_empty_or_missing_query_folder_is_an_error(task_folder, tmp_path, capsys
 def test_checkpoints_of_the_wrong_kind_are_refused(task_folder, tmp_path, capsys):
     support, query = task_folder[0] / "support", task_folder[0] / "query"
     sine = load_config("sine")
-    learner = Learner(build_model(sine.model, sine.ways), "regression", sine.inner_optimizer, sine.inner_lr)
+    learner = Learner(Plugins.of(sine).build_model(sine, None), "regression", sine.inner_optimizer, sine.inner_lr)
     (tmp_path / "sine.pt").write_bytes(save_torch(final_state(sine, 10, learner, learner.initial_theta())))
     assert "is a sine checkpoint" in run_error(adapt_args(support, query, tmp_path / "sine.pt"), capsys)
 
@@ -179,7 +179,7 @@ def test_checkpoints_of_the_wrong_kind_are_refused(task_folder, tmp_path, capsys
     assert "not a readable checkpoint" in run_error(adapt_args(support, query, tmp_path / "truncated.pt"), capsys)
 
     omniglot = load_config("omniglot-5w1s")
-    theta = torch.zeros(sum(p.numel() for p in build_model(omniglot.model, omniglot.ways).parameters()))
+    theta = torch.zeros(sum(p.numel() for p in Plugins.of(omniglot).build_model(omniglot, None).parameters()))
     (tmp_path / "ckpt.pt").write_bytes(save_torch(checkpoint_state(omniglot, 500, {"kind": "sgd", "theta": theta})))
     assert "reptile-dist export" in run_error(adapt_args(support, query, tmp_path / "ckpt.pt"), capsys)
 

@@ -39,7 +39,7 @@ def test_allreduce_with_two_workers_equals_the_local_trainer(ray_local, tmp_path
 
 
 def _initial(cfg):
-    from reptile_dist.tasks import build_family
+    from reptile_dist.plugins import build_family
     from reptile_dist.training import make_learner
 
     return make_learner(cfg, build_family(cfg)).initial_theta()
@@ -53,8 +53,9 @@ def test_an_allreduce_sine_run_directory_is_complete_and_eval_reads_it(ray_local
                  "--out", str(out), "--no-progress", "--set", "meta_iters=4", "--set", "checkpoint_every=2",
                  "--set", "log_every=2", "--set", "eval_every=4", "--set", "eval_tasks=20",
                  "--set", "eval_tasks_periodic=10", "--set", "torch_threads=1"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.yaml", "final.pt", "metrics.parquet",
-                                                     "run.json", "summary.json"]  # Ray Train's own storage is removed
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.yaml", "final.pt", "metrics.jsonl",
+                                                     "metrics.parquet", "run.json", "summary.json",
+                                                     "tensorboard"]  # Ray Train's own storage is removed
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
     rows = pq.read_table(out / "metrics.parquet").to_pylist()
     assert [r["step"] for r in rows] == [2, 4] and rows[-1]["eval_loss"] > 0

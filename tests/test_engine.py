@@ -34,7 +34,7 @@ def test_sync_equals_the_local_trainer(ray_local, tmp_path, workers, inner_state
 
 
 def _initial(cfg):
-    from reptile_dist.tasks import build_family
+    from reptile_dist.plugins import build_family
     from reptile_dist.training import make_learner
 
     return make_learner(cfg, build_family(cfg)).initial_theta()

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from reptile_dist import cli
-from reptile_dist.adapt import AdaptError, Prediction, to_csv
+from reptile_dist.pretrained import AdaptError, Prediction, to_csv
 from reptile_dist.config import ConfigError, load_config
 from reptile_dist.errors import UserError
-from reptile_dist.models import build_model
+from reptile_dist.plugins import Plugins
 from reptile_dist.reptile import Learner
 from reptile_dist.rundir import CheckpointError, RunDirError, save_torch
 from reptile_dist.training import final_state
@@ -126,7 +126,7 @@ def write_task(folder: Path, classes: list[str], queries: list[str]) -> tuple[Pa
 def model_file(tmp_path_factory) -> Path:
     """An untrained 5-way Omniglot final.pt: these checks need a model, not a good one."""
     cfg = load_config("omniglot-5w1s")
-    learner = Learner(build_model(cfg.model, cfg.ways), "classification", cfg.inner_optimizer, cfg.inner_lr)
+    learner = Learner(Plugins.of(cfg).build_model(cfg, None), "classification", cfg.inner_optimizer, cfg.inner_lr)
     path = tmp_path_factory.mktemp("model") / "final.pt"
     path.write_bytes(save_torch(final_state(cfg, 0, learner, learner.initial_theta())))
     return path

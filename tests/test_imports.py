@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # not obvious from its name; a new module fails test_every_module_has_a_layer until it is placed.
 LAYERS: list[tuple[str, dict[str, str]]] = [
     ("config/models", {
-        "reptile_dist": "",
         "reptile_dist.config": "",
         "reptile_dist.errors": "the base class of every user-facing error, for all layers",
         "reptile_dist.models": "",
@@ -24,12 +23,14 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
     ("tasks/data", {
         "reptile_dist.data": "",
         "reptile_dist.data.classes": "",
+        "reptile_dist.data.images": "",
         "reptile_dist.data.omniglot": "",
         "reptile_dist.tasks": "",
         "reptile_dist.tasks.base": "",
         "reptile_dist.tasks.images": "",
         "reptile_dist.tasks.sine": "",
         "reptile_dist.tasks.synthetic": "",
+        "reptile_dist.plugins": "imports the built-in families and networks by path, as a user's",
     }),
     ("core", {
         "reptile_dist.reptile": "",
@@ -39,7 +40,9 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
         "reptile_dist.training": "",
         "reptile_dist.local": "",
         "reptile_dist.rundir": "the run directory that training and every engine write",
-        "reptile_dist.adapt": "plain-PyTorch use of a trained model; loads training's final.pt format",
+        "reptile_dist.loggers": "TensorBoard, MLflow, W&B: where the run directory sends its rows",
+        "reptile_dist.runview": "status and plots of runs, read from their run directories",
+        "reptile_dist.pretrained": "plain-PyTorch use of a trained model; loads training's final.pt format",
     }),
     ("engine", {
         "reptile_dist.engine": "",
@@ -49,6 +52,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
         "reptile_dist.engine.allreduce": "",
         "reptile_dist.engine.cluster": "",
         "reptile_dist.engine.driver": "",
+        "reptile_dist.engine.metrics": "the engine's figures through Ray's metrics API",
         "reptile_dist.engine.parameter_server": "",
         "reptile_dist.engine.wire": "pure, but only the engine's transports (and their benchmark) speak it",
     }),
@@ -67,6 +71,10 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
         "reptile_dist.sweep.runner": "",
         "reptile_dist.sweep.spec": "",
         "reptile_dist.sweep.trainable": "",
+    }),
+    ("api", {
+        "reptile_dist.api": "",
+        "reptile_dist": "the public API (`import reptile_dist as rd`), loaded from reptile_dist.api on first use",
     }),
     ("cli", {
         "reptile_dist.cli": "",
@@ -106,9 +114,11 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 def _packages_of(module: str) -> list[str]:
-    """a.b.c -> [a, a.b]"""
+    """a.b.c -> [a.b]: the packages whose __init__.py importing a.b.c runs. The root package's
+    runs too, but it imports nothing when it runs (test_the_root_package_imports_nothing_on_import):
+    the public API it offers is loaded on first use."""
     parts = module.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
+    return [".".join(parts[:i]) for i in range(2, len(parts))]
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -147,10 +157,19 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_imports_inside_functions_and_submodules_named_in_from_imports():
     graph = import_graph()
-    assert "reptile_dist.data.omniglot" in graph["reptile_dist.tasks"]  # inside build_family
+    assert "reptile_dist.data.omniglot" in graph["reptile_dist.tasks.images"]  # inside omniglot_family
     assert "reptile_dist.sweep.runner" in graph["reptile_dist.cli"]  # inside a command
     assert "reptile_dist.sweep" in graph["reptile_dist.cli"]  # from reptile_dist.sweep import load_sweep
     assert "reptile_dist.tasks" in graph["reptile_dist.reptile"]  # tasks.base runs tasks/__init__.py first
+
+
+def test_the_root_package_imports_nothing_on_import():
+    tree = ast.parse((ROOT / "__init__.py").read_text())
+    top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert all(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in top_level)
+    code = f"import sys, {PACKAGE}.config; print(sorted(m for m in sys.modules if m.startswith('{PACKAGE}')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['reptile_dist', 'reptile_dist.config', 'reptile_dist.errors']"
 
 
 def test_find_cycle_reports_the_modules_of_a_cycle():

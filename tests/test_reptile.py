@@ -142,7 +142,7 @@ def test_carried_moment_with_one_task_per_step_is_one_adam_through_every_task():
 
 def test_carried_moment_is_the_tasks_mean_whichever_split_of_the_tasks_adapts_it():
     from conftest import tiny
-    from reptile_dist.tasks import build_family
+    from reptile_dist.plugins import build_family
     from reptile_dist.training import make_learner
 
     cfg = tiny("synthetic", inner_state="carried")
@@ -174,10 +174,11 @@ def test_outer_state_round_trips_the_carried_moment():
 
 
 def test_glorot_init_draws_tensorflows_layer_defaults():
-    from reptile_dist.models import build_model
+    from reptile_dist.config import Config
+    from reptile_dist.models import omniglot_conv
 
     torch.manual_seed(0)
-    model = build_model("omniglot_conv", 5, 28, init="glorot")
+    model = omniglot_conv(Config(ways=5, init="glorot"))
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert len(layers) == 5
     for layer in layers:

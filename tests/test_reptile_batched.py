@@ -4,7 +4,7 @@ import torch
 
 from conftest import tiny
 from reptile_dist.reptile import adapt_tasks, adapt_tasks_batched
-from reptile_dist.tasks import build_family
+from reptile_dist.plugins import build_family
 from reptile_dist.training import make_learner
 
 

@@ -25,8 +25,7 @@ from reptile_dist.bench.report import (CAPACITY_COLUMNS, MODEL_COLUMNS, engine_s
 from reptile_dist.bench.runner import measure_engine, measure_local
 from reptile_dist.config import Config, ConfigError, load_config
 from reptile_dist.engine.cluster import ray_cluster
-from reptile_dist.models import build_model
-from reptile_dist.tasks import build_family
+from reptile_dist.plugins import Plugins, build_family
 from reptile_dist.training import make_learner
 
 MODES = ("sync", "async", "allreduce")
@@ -146,7 +145,7 @@ def scaling_model(plan: BenchPlan, capacity_rows: list[dict[str, Any]], rates: d
     rows = []
     for preset in plan.model_presets if capacity_rows else ():
         cfg = load_config(preset, overrides)
-        params = sum(p.numel() for p in build_model(cfg.model, cfg.ways, 28).parameters())
+        params = sum(p.numel() for p in Plugins.of(cfg).build_model(cfg, None).parameters())
         # With carried inner state a push holds the estimates' sum beside the delta, and a pull the
         # estimate beside theta: the PS moves twice the vector, as a model twice the size would.
         wire_params = params * (2 if cfg.carries_inner_moment else 1)

@@ -19,6 +19,7 @@ from reptile_dist.config import Config
 from reptile_dist.engine.adapt_worker import CRASH_FILE_ENV, AdaptWorker, Workspace
 from reptile_dist.engine.cluster import ClusterError, engine_bundles
 from reptile_dist.engine.parameter_server import PS_CPUS, ParameterServer
+from reptile_dist.plugins import Plugins
 from reptile_dist.training import LoopHooks
 
 PLACEMENT_TIMEOUT_S = 120
@@ -31,9 +32,10 @@ class EngineActors:
     """The placement group of one engine and the actors started in it; `close()` kills them and
     removes the group if this created it."""
 
-    def __init__(self, cfg: Config, hooks: LoopHooks | None = None):
+    def __init__(self, cfg: Config, hooks: LoopHooks | None = None, plugins: Plugins | None = None):
         self.cfg = cfg
         self.hooks = hooks
+        self.plugins = plugins  # None: every actor imports the config's own
         self.run_id = uuid.uuid4().hex[:8]
         self.actors: list = []
         self.bundles = engine_bundles(cfg)
@@ -75,7 +77,7 @@ class EngineActors:
     def evaluator(self, generation: int = 1):
         return self._started(ray.remote(Workspace).options(
             name=f"evaluator-{self.run_id}-{generation}", num_cpus=0.5, scheduling_strategy=self.in_bundle(0),
-        ).remote(self.cfg.to_dict()))
+        ).remote(self.cfg.to_dict(), self.plugins))
 
     def worker(self, w: int, generation: int = 0):
         res = self.bundles[1 + w]
@@ -83,7 +85,7 @@ class EngineActors:
             name=f"worker-{self.run_id}-{w}" + (f"-r{generation}" if generation else ""),
             max_concurrency=WORKER_CONCURRENCY, num_cpus=res["CPU"], num_gpus=res.get("GPU", 0),
             scheduling_strategy=self.in_bundle(1 + w), **_fault_injection(),
-        ).remote(self.cfg.to_dict(), w, self.hooks))
+        ).remote(self.cfg.to_dict(), w, self.hooks, self.plugins))
 
     def close(self) -> None:
         for actor in self.actors:

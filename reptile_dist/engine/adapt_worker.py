@@ -17,7 +17,7 @@ import torch
 from reptile_dist.config import Config
 from reptile_dist.evaluation import TaskScores, score_tasks, summarize
 from reptile_dist.reptile import InnerMoment, adapt_tasks
-from reptile_dist.tasks import build_family
+from reptile_dist.plugins import Plugins, build_family
 from reptile_dist.engine.wire import DeltaCodec
 from reptile_dist.training import LoopHooks, make_learner, set_torch_threads
 
@@ -41,12 +41,13 @@ def worker_share(cfg: Config, index: int) -> list[int]:
 class Workspace:
     """A task family and a learner on this actor's device (its GPU when Ray assigned one)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, plugins: Plugins | None = None):
         self.cfg = Config(**cfg)
         set_torch_threads(self.cfg, self.cfg.cpus_per_worker)
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.family = build_family(self.cfg)
-        self.learner = make_learner(self.cfg, self.family, self.device)
+        plugins = plugins or Plugins.of(self.cfg)
+        self.family = build_family(self.cfg, plugins)
+        self.learner = make_learner(self.cfg, self.family, self.device, plugins)
 
     def score(self, theta: np.ndarray, split: str, start: int, stop: int, moment: InnerMoment | None = None) -> TaskScores:
         return score_tasks(self.learner, self.family, torch.tensor(theta), self.cfg, split, range(start, stop), moment)
@@ -59,8 +60,8 @@ class Workspace:
 
 
 class AdaptWorker(Workspace):
-    def __init__(self, cfg: dict, index: int, hooks: LoopHooks | None = None):
-        super().__init__(cfg)
+    def __init__(self, cfg: dict, index: int, hooks: LoopHooks | None = None, plugins: Plugins | None = None):
+        super().__init__(cfg, plugins)
         self.index = index
         self.hooks = hooks or LoopHooks()  # a benchmark's (a straggler); a run has none
         self.codec = DeltaCodec(self.learner.initial_theta().numel(), self.cfg.carries_inner_moment,
@@ -71,6 +72,9 @@ class AdaptWorker(Workspace):
         self._loop = 0
         self._learner_lock = threading.Lock()
         self._pushes: deque[tuple[float, float, int, int]] = deque(maxlen=PUSH_LOG_LENGTH)
+        from reptile_dist.engine.metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics(index)  # tasks and tasks/s through Ray's metrics API
 
     def run(self, ps) -> dict[str, Any]:
         """Pull theta, adapt this worker's share, push the summed delta; until the PS says done."""
@@ -113,6 +117,7 @@ class AdaptWorker(Workspace):
             self._log_push(ack, sent_wall, sent, 0 if payload is None else payload.nbytes,
                            pulled.nbytes + (0 if carried is None else carried["sq"].nbytes))
             adapted += result.tasks
+            self.metrics.pushed(result.tasks)
         latencies = [entry[1] for entry in self._pushes]
         return {"worker": self.index, "tasks": adapted, "busy_s": busy,
                 "push_latency_median_s": float(np.median(latencies)) if latencies else math.nan,

@@ -25,7 +25,6 @@ import uuid
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
@@ -40,7 +39,7 @@ from reptile_dist.engine.wire import DeltaCodec
 from reptile_dist.evaluation import TaskScores, combine_scores, headline, score_tasks, summarize
 from reptile_dist.reptile import DeltaSum, InnerMoment, OuterOptimizer
 from reptile_dist.rundir import RunDir, load_torch_bytes
-from reptile_dist.tasks import build_family
+from reptile_dist.plugins import Plugins, build_family
 from reptile_dist.errors import RunFailed
 from reptile_dist.training import (LoopHooks, RunSetup, Throughput, checkpoint_state, finish_run, finished_run,
                                    make_learner, meta_train, periodic_split, set_torch_threads, setup_run)
@@ -50,8 +49,8 @@ TRAIN_STORAGE = "ray-train"  # Ray Train's own checkpoints; inside the run direc
 
 
 def train_allreduce(cfg: Config, out: str, address: str | None = None, resume: bool = False, progress: bool = True,
-                    say: Callable[[str], None] = print,
-                    on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                    say: Callable[[str], None] = print, on_log: Callable[[dict[str, Any]], None] | None = None,
+                    plugins: Plugins | None = None) -> dict[str, Any]:
     """Meta-train in a Ray Train worker group; the run directory ends up with the same files as a local run."""
     if on_log is not None:
         raise ConfigError("mode allreduce logs from its rank-0 worker and cannot call on_log; use mode sync or async")
@@ -59,12 +58,12 @@ def train_allreduce(cfg: Config, out: str, address: str | None = None, resume: b
     finished = finished_run(out, resume, say)
     if finished is not None:
         return finished
-    with ray_cluster(cfg, address):
-        s = setup_run(cfg, out, resume, say)
-        try:
+    s = setup_run(cfg, out, resume, say, plugins)  # the family and network checked before Ray starts
+    try:
+        with ray_cluster(cfg, address or cfg.address or None):
             return _fit(cfg, s, started, progress, say)
-        finally:
-            s.run.release()
+    finally:
+        s.run.release()
 
 
 def _fit(cfg: Config, s: RunSetup, started: float, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
@@ -108,7 +107,7 @@ def make_trainer(cfg: Config, s: RunSetup, storage: str, progress: bool, hooks: 
         worker_loop,
         train_loop_config={"cfg": worker_cfg.to_dict(), "out": s.run.uri if "://" in s.run.uri else s.run.root,
                            "outer": s.outer.state_dict(), "start_step": s.start_step, "progress": progress,
-                           "hooks": hooks},
+                           "hooks": hooks, "plugins": s.plugins},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement),
@@ -131,8 +130,9 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     set_torch_threads(cfg, cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
     comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    family = build_family(cfg)
-    learner = make_learner(cfg, family, device)
+    plugins: Plugins = config["plugins"]
+    family = build_family(cfg, plugins)
+    learner = make_learner(cfg, family, device, plugins)
     outer = OuterOptimizer(learner.initial_theta().cpu(), cfg.outer_optimizer, cfg.carries_inner_moment)
     codec = DeltaCodec(outer.theta.numel(), cfg.carries_inner_moment, cfg.delta_dtype)
 
@@ -184,7 +184,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
                     f"{k}={v:.3g}" for k, v in row.items() if k != "step" and not math.isnan(v)) + "\n")
                 sys.stdout.flush()
         report(run, row or {"step": step},
-               checkpoint_state(cfg, step, outer.state_dict(), before=before) if checkpoint else None,
+               checkpoint_state(cfg, step, outer.state_dict(), before=before,
+                                                family_info=learner.family_info) if checkpoint else None,
                cfg.keep_checkpoints)
 
     share = worker_share(cfg, rank)  # as the PS sync mode shares a meta-step
@@ -197,6 +198,9 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         if run is not None:
             run.flush_metrics()
         return {"failed": str(exc)} if rank == 0 else None
+    finally:
+        if run is not None:
+            run.release()  # the loggers end their run; the driver's handle holds the folder's lock
     test = evaluate_sharded("test", cfg.eval_tasks)
     if rank != 0:
         return None
@@ -248,9 +252,7 @@ def report(run: RunDir | None, metrics: dict[str, Any], state: dict[str, Any] | 
 def _reopened(run: RunDir) -> RunDir:
     """A fresh handle on a claimed run directory, holding the metric rows written so far."""
     fresh = RunDir(run.uri)
-    if fresh.exists("metrics.parquet"):
-        for row in pq.read_table(fresh.path("metrics.parquet"), filesystem=fresh.fs).to_pylist():
-            fresh.log(row)
+    fresh.load_metrics()
     return fresh
 
 

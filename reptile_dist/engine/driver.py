@@ -24,6 +24,7 @@ from reptile_dist.config import Config
 from reptile_dist.engine.actors import EngineActors
 from reptile_dist.engine.cluster import ray_cluster
 from reptile_dist.evaluation import combine_scores, headline, summarize
+from reptile_dist.plugins import Plugins
 from reptile_dist.reptile import InnerMoment
 from reptile_dist.training import (Cadence, RunFailed, RunSetup, Throughput, checkpoint_state, finish_run,
                                    finished_run, periodic_split, setup_run)
@@ -74,20 +75,27 @@ class Restarts:
 
 
 def train_ray(cfg: Config, out: str, address: str | None = None, resume: bool = False, progress: bool = True,
-              say: Callable[[str], None] = print, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              say: Callable[[str], None] = print, on_log: Callable[[dict[str, Any]], None] | None = None,
+              plugins: Plugins | None = None) -> dict[str, Any]:
     """Meta-train with Ray actors; the run directory ends up with the same files as a local run.
 
     `on_log(row)` is called with every logged row and, when a periodic evaluation finishes, with
-    `{"step": its step, "eval_...": ...}`."""
+    `{"step": its step, "eval_...": ...}`. `plugins`: the family and network factories (default:
+    the config's), handed to every actor. `address` (else cfg.address): a cluster to join."""
+    plugins = (plugins or Plugins.of(cfg)).ship()
     if cfg.mode == "allreduce":  # no parameter server: a Ray Train worker group (allreduce.py)
         from reptile_dist.engine.allreduce import train_allreduce
 
-        return train_allreduce(cfg, out, address, resume, progress, say, on_log)
+        return train_allreduce(cfg, out, address, resume, progress, say, on_log, plugins)
     finished = finished_run(out, resume, say)
     if finished is not None:
         return finished
-    with ray_cluster(cfg, address):
-        return EngineRun(cfg, out, resume, progress, say, on_log).run()
+    s = setup_run(cfg, out, resume, say, plugins)  # the family and network checked before Ray starts
+    try:
+        with ray_cluster(cfg, address or cfg.address or None):
+            return EngineRun(cfg, out, resume, progress, say, on_log).run(s)
+    finally:
+        s.run.release()
 
 
 class EngineRun:
@@ -153,15 +161,14 @@ class EngineRun:
                             f"(meta-step {int(self.at)}); checkpoints kept") from None
 
     # --- the run ------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self, s: RunSetup) -> dict[str, Any]:
         cfg = self.cfg
         started = time.perf_counter()
-        s = setup_run(cfg, self.out, self.resume, self.say)
         self.setup = s
         self.initial_outer = s.outer.state_dict()
         self.last_log = float(s.start_step)
         self.at = float(s.start_step)
-        self.engine = EngineActors(cfg)
+        self.engine = EngineActors(cfg, plugins=s.plugins)
         try:
             self.start_actors(s)
             before_ref = None
@@ -275,6 +282,9 @@ class EngineRun:
                 continue
             del self.down[w]
             self.workers_replaced += 1
+            from reptile_dist.engine.metrics import count_worker_replaced  # Ray's metrics API (engine/metrics.py)
+
+            count_worker_replaced()
             self.workers[w] = self.start_worker(w, generation=self.workers_replaced)
             try:
                 self.placements[w] = self.started([self.workers[w]], f"the replacement of worker {w}")[0]
@@ -333,7 +343,8 @@ class EngineRun:
                 state = snap["state"]
                 s.run.save_checkpoint(snap["step"], checkpoint_state(self.cfg, snap["step"], state["outer"],
                                                                      version=state["version"],
-                                                                     applied_tasks=state["applied_tasks"]),
+                                                                     applied_tasks=state["applied_tasks"],
+                                                                     family_info=s.learner.family_info),
                                       self.cfg.keep_checkpoints)
             else:
                 ref = self.evaluator.evaluate.remote(snap["theta"], periodic_split(s.family), self.cfg.eval_tasks_periodic,
@@ -383,12 +394,7 @@ class EngineRun:
                 self.evaluation_lost(step, generation, "died")
                 continue
             result = {f"eval_{k}": v for k, v in scores.items() if k != "tasks"}
-            rows = self.setup.run.metrics
-            match = next((r for r in reversed(rows) if r.get("step") == step), None)
-            if match is None:
-                rows.append({"step": step, **result})
-            else:
-                match.update(result)
+            self.setup.run.annotate(step, result)
             if self.on_log is not None:  # evaluations finish after their step was logged (Tune reports them)
                 self.on_log({"step": step, **result})
         for ref in late if wait else []:

@@ -22,11 +22,15 @@ def sample_shots(rng: np.random.Generator, cls: ImageClass, count: int) -> np.nd
 
 
 def load_images(images: np.ndarray, rows: np.ndarray, rotation: int) -> np.ndarray:
-    """float32 (n, 1, H, W) in [0, 1], rotated counter-clockwise by `rotation` degrees."""
+    """float32 (n, C, H, W) in [0, 1] from uint8 `images` (N, H, W) (C = 1) or (N, H, W, C),
+    rotated counter-clockwise by `rotation` degrees in the (H, W) plane."""
     batch = images[rows]
     if rotation:
         batch = np.rot90(batch, k=rotation // 90, axes=(1, 2))
-    return (batch.astype(np.float32) / 255.0)[:, None]
+    if batch.ndim == 3:
+        return (batch.astype(np.float32) / 255.0)[:, None]
+    # Channels first, as torch's convolutions want them, in one contiguous copy.
+    return batch.transpose(0, 3, 1, 2).astype(np.float32, order="C") / 255.0
 
 
 class ImageFamily:
@@ -61,6 +65,17 @@ class ImageFamily:
             query_y=torch.tensor(qy, dtype=torch.long),
         )
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of a task's images: what the built-in networks are sized for."""
+        return (self.classes.channels, self.classes.image_size, self.classes.image_size)
+
+    @property
+    def preprocessing(self) -> dict | None:
+        """How the table's images were made from image files (a trained model's file records it,
+        and `adapt` converts a user's images the same way)."""
+        return self.classes.preprocessing
+
     def train_task(self, rng: np.random.Generator) -> Task:
         return self._task(rng, "train", self.train_shots, 0)
 
@@ -68,3 +83,27 @@ class ImageFamily:
         if not self.classes.splits.get(split):
             raise ConfigError(f"split '{split}' has no classes")
         return self._task(rng, split, self.shots, self.queries)
+
+
+def omniglot_family(cfg) -> ImageFamily:
+    """The built-in `family: omniglot` (config.BUILTIN_FAMILIES): the prepared table `cfg.data`,
+    split as `cfg.split` says, training classes augmented by rotation."""
+    from reptile_dist.data.omniglot import load_omniglot
+
+    classes = load_omniglot(cfg.data, split=cfg.split, seed=0, val_characters=cfg.val_characters)
+    return ImageFamily(classes, cfg.ways, cfg.train_shots, cfg.shots, cfg.queries)
+
+
+def images_family(cfg, rotations: bool = False) -> ImageFamily:
+    """The built-in `family: images` (config.BUILTIN_FAMILIES): any table `reptile-dist data
+    images` prepared, at its size and channels. `rotations` (family_args): every training class
+    also seen at 90, 180 and 270 degrees as classes of its own, as Omniglot's are; off for natural
+    images."""
+    from reptile_dist.data.images import load_image_table
+
+    classes = load_image_table(cfg.data)
+    if rotations:
+        train = [ImageClass(c.rows, r) for c in classes.splits["train"] for r in (0, 90, 180, 270)]
+        classes = ImageClasses(classes.images, {**classes.splits, "train": train}, classes.image_size,
+                               classes.channels, classes.preprocessing)
+    return ImageFamily(classes, cfg.ways, cfg.train_shots, cfg.shots, cfg.queries)

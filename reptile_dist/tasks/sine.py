@@ -35,3 +35,8 @@ class SineFamily:
     def eval_task(self, rng: np.random.Generator, split: str) -> Task:
         # Sine tasks come from a continuous family; splits differ only by their seed stream.
         return self._task(rng, self.shots, self.queries)
+
+
+def sine_family(cfg) -> SineFamily:
+    """The built-in `family: sine` (config.BUILTIN_FAMILIES)."""
+    return SineFamily(cfg.train_shots, cfg.shots, cfg.queries)

@@ -19,3 +19,10 @@ def synthetic_classes(num_train: int = 64, num_test: int = 32, per_class: int = 
             images[c * per_class + j] = np.where(shifted ^ flips, 255, 0)
     classes = [ImageClass(rows=np.arange(c * per_class, (c + 1) * per_class)) for c in range(total)]
     return ImageClasses(images=images, splits={"train": classes[:num_train], "val": [], "test": classes[num_train:]}, image_size=size)
+
+
+def synthetic_family(cfg):
+    """The built-in `family: synthetic` (config.BUILTIN_FAMILIES)."""
+    from reptile_dist.tasks.images import ImageFamily
+
+    return ImageFamily(synthetic_classes(seed=cfg.seed), cfg.ways, cfg.train_shots, cfg.shots, cfg.queries)
