@@ -133,9 +133,17 @@ def evaluate(checkpoint: str, tasks: int | Iterable[Task] | None = None, *, spli
     cfg = pretrained.cfg.replace(**(overrides or {}))
     if split not in EVAL_STREAMS:
         raise ConfigError(f"split={split!r} is not one of {', '.join(EVAL_STREAMS)}")
+    threads = set_torch_threads(cfg)
+    try:
+        return _evaluate(pretrained, cfg, tasks, split, transductive, family, model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(pretrained: Pretrained, cfg: Config, tasks, split: str, transductive: bool | None,
+              family: Factory | None, model: Factory | None) -> dict[str, float]:
     learner, theta = pretrained.learner, pretrained.theta
     moment = pretrained.moment if cfg.carries_inner_moment else None  # overrides may say inner_state=fresh
-    set_torch_threads(cfg)
     if tasks is None or isinstance(tasks, int):
         built = Plugins.of(cfg, family, model).build_family(cfg)
         scores = score_tasks(learner, built, theta, cfg, split, range(cfg.eval_tasks if tasks is None else tasks),

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model-presets", default="omniglot-5w1s,omniglot-5w5s,omniglot-20w1s,omniglot-20w5s",
                        help="presets the scaling model gives worker limits for (with --capacity-params)")
     bench.add_argument("--no-engine", action="store_true", help="skip the engine runs (capacity sweep and model only)")
+    bench.add_argument("--no-baselines", action="store_true",
+                       help="skip the local trainer against the plain loop, and its threads beside a busy process")
 
     tune = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune (definitions in tuning/)")
     tune.add_argument("--sweep", required=True, help="sweep definition (YAML), e.g. tuning/sine.yaml")
@@ -220,7 +222,7 @@ def cmd_bench(args) -> int:
         capacity_params=csv(args.capacity_params, count, "--capacity-params"),
         capacity_dtypes=csv(args.capacity_dtypes, str, "--capacity-dtypes"),
         capacity_pushers=csv(args.capacity_pushers, int, "--capacity-pushers"), capacity_seconds=args.capacity_seconds,
-        model_presets=csv(args.model_presets, str, "--model-presets"),
+        model_presets=csv(args.model_presets, str, "--model-presets"), baselines=not args.no_baselines,
     )
     command = shlex.join(["reptile-dist", *sys.argv[1:]]) if Path(sys.argv[0]).name == "reptile-dist" else ""
     written = run_bench(plan, args.out, command)

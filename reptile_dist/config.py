@@ -131,8 +131,8 @@ class Config:
     max_rejected_updates: int = knob(20, "stop the run after this many updates in a row with every delta rejected", lo=1)
     delta_dtype: str = knob("float64", "precision of deltas on the wire; float64 keeps sync runs bit-equal to local ones",
                             choices=("float64", "float32", "bfloat16", "float16"))
-    torch_threads: int = knob(0, "torch threads per process; 0: automatic (local: torch's default, "
-                                 "Ray worker: its CPU share rounded up)", lo=0)
+    torch_threads: int = knob(0, "torch threads per process; 0: automatic (in-process: 1, a Ray worker: "
+                                 "its CPU share rounded up)", lo=0)
     tasks_per_push: int = knob(0, "async: tasks a worker adapts and sums into one push (fewer, larger pushes "
                                   "relieve the parameter server); 0: ceil(meta_batch_size / workers)", lo=0)
 

@@ -5,6 +5,7 @@ import math
 import time
 from typing import Any, Callable
 
+import torch
 from tqdm import tqdm
 
 from reptile_dist.config import Config
@@ -26,12 +27,15 @@ def train_local(cfg: Config, out: str, resume: bool = False, progress: bool = Tr
     if finished is not None:
         return finished
     device = resolve_device(cfg)
-    set_torch_threads(cfg)
-    s = setup_run(cfg, out, resume, say, plugins, device)
+    threads = set_torch_threads(cfg)
     try:
-        return _train(cfg, s, started, progress, say, on_log)
+        s = setup_run(cfg, out, resume, say, plugins, device)
+        try:
+            return _train(cfg, s, started, progress, say, on_log)
+        finally:
+            s.run.release()
     finally:
-        s.run.release()
+        torch.set_num_threads(threads)  # a caller's process (rd.train in a notebook) keeps its own
 
 
 def _train(cfg: Config, s: RunSetup, started: float, progress: bool, say: Callable[[str], None],

@@ -115,13 +115,18 @@ def final_state(cfg: Config, step: int, learner: Learner, theta: torch.Tensor,
     }
 
 
+IN_PROCESS_THREADS = 1
+
+
 def set_torch_threads(cfg: Config, cpus: float | None = None) -> int:
     """Set torch's intra-op threads for this process: cfg.torch_threads when given, else the CPUs
-    Ray granted it (rounded up), else leave torch's default. Returns the count before, to restore."""
+    Ray granted it (rounded up), else IN_PROCESS_THREADS. Returns the count before, to restore.
+
+    Not torch's own default (every core): for these networks a second thread bought the local
+    trainer nothing on the machines measured, and beside one busy process OpenMP's threads spin
+    waiting for a core (a run took 6x the wall time and 8x the CPU; README, "Threads")."""
     before = torch.get_num_threads()
-    threads = cfg.torch_threads or (max(1, math.ceil(cpus)) if cpus else 0)
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(cfg.torch_threads or (max(1, math.ceil(cpus)) if cpus else IN_PROCESS_THREADS))
     return before
 
 

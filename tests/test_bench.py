@@ -1,5 +1,6 @@
 """`reptile-dist bench` on a real local Ray cluster, and the scaling model."""
 import json
+import os
 import math
 
 import pyarrow.parquet as pq
@@ -40,13 +41,21 @@ def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_lo
     text = (tmp_path / "bench.md").read_text()
     assert "| sync | 2 |" in text and "![scaling](scaling.png)" in text
 
+    local = pq.read_table(tmp_path / "local.parquet").to_pylist()
+    plain = [r for r in local if r["what"].startswith("plain loop")]
+    assert plain and all(r["tasks_per_s"] > 0 and r["vs_plain_loop"] == 1.0 for r in plain)
+    assert {r["threads"] for r in local if not r["busy_process_beside"]} == {1, os.cpu_count()}
+    loaded = [r for r in local if r["busy_process_beside"]]
+    assert len(loaded) == 2 and all(r["tasks_per_s"] > 0 and r["vs_plain_loop"] is None for r in loaded)
+    assert "Local trainer against a plain loop" in text
+
 
 @pytest.mark.slow  # Ray Train
 def test_the_bench_measures_allreduce_in_a_window_after_ray_trains_start_up(ray_local, tmp_path):
     # A test of its own: each worker count is one TorchTrainer.fit, whose start-up (13-40 s here) the
     # window leaves out but the test still waits for.
     plan = BenchPlan(config="sine", overrides=dict(torch_threads=1), workers=(2,), modes=("allreduce",),
-                     seconds=1.5, warmup=0.5)
+                     seconds=1.5, warmup=0.5, baselines=False)
     lines = []
     written = run_bench(plan, tmp_path, say=lines.append)
 

@@ -59,6 +59,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
     ("bench/sweep", {
         "reptile_dist.bench": "",
         "reptile_dist.bench.allreduce": "",
+        "reptile_dist.bench.baselines": "",
         "reptile_dist.bench.hooks": "the bench's loop hooks: the engine is handed them, never imports them",
         "reptile_dist.bench.model": "",
         "reptile_dist.bench.plots": "",

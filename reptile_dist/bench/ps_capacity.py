@@ -1,9 +1,9 @@
 """How many deltas one parameter server absorbs per second, against model size and the deltas'
 precision on the wire.
 
-Pushers stand in for adapt workers that take no time to adapt: each pulls theta and pushes a
-ready-made delta, as fast as the PS lets it, in the worker's own pattern (a pull, then a push
-that is not awaited but runs before the next pull). The PS is the engine's, in async mode (every
+Pushers stand in for adapt workers that take no time to adapt: each pushes a ready-made delta
+and takes the next theta, as fast as the PS lets it, in the worker's own pattern (one
+ParameterServer.push_pull call per delta, then theta fetched from the object store). The PS is the engine's, in async mode (every
 push a new version, so every pull a fresh object-store copy of theta), with no staleness bound,
 so every delta is applied.
 """
@@ -33,18 +33,16 @@ class Pusher:
         self.pushes: list[tuple[float, float, int, int]] = []
 
     def run(self, ps) -> int:
-        count, ack = 0, None
-        while True:
-            got = ray.get(ps.pull.remote(-1, ack))
-            if got is None:
-                return count
+        count = 0
+        got = ray.get(ps.pull.remote(-1))
+        while got is not None:
             theta, _ = ray.get(got[0])  # (theta, carried inner estimate)
             sent_wall, sent = time.time(), time.perf_counter()
-            ack = ps.push.remote(self.index, got[1], 1, self.payload)
-            ack.future().add_done_callback(
-                lambda _, w=sent_wall, t=sent, n=theta.nbytes: self.pushes.append((w, time.perf_counter() - t,
-                                                                                   self.payload.nbytes, n)))
+            got = ray.get(ps.push_pull.remote(self.index, got[1], 1, self.payload, -1))
+            if got is not None:
+                self.pushes.append((sent_wall, time.perf_counter() - sent - got[2], self.payload.nbytes, theta.nbytes))
             count += 1
+        return count
 
     def push_log(self) -> list[tuple[float, float, int, int]]:
         return list(self.pushes)

@@ -21,6 +21,10 @@ CAPACITY_COLUMNS = [
     ("pushes_per_s", "deltas absorbed/s"), ("handler_pushes_per_s", "handler alone/s"), ("ps_busy_fraction", "PS busy"),
     ("push_latency_median_ms", "push ms (median)"), ("mb_per_s", "MB/s"), ("load_1m", "load"),
 ]
+LOCAL_COLUMNS = [
+    ("what", "trainer"), ("threads", "threads"), ("busy_process_beside", "busy process beside"),
+    ("tasks_per_s", "tasks/s"), ("vs_plain_loop", "vs plain loop"), ("load_1m", "load"),
+]
 MODEL_COLUMNS = [
     ("preset", "preset"), ("params", "params"), ("inner_state", "inner state"), ("worker_tasks_per_s", "worker tasks/s"),
     ("delta_dtype", "delta"),

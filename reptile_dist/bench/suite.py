@@ -20,8 +20,9 @@ from reptile_dist.bench.allreduce import measure_allreduce
 from reptile_dist.bench.hooks import Straggler
 from reptile_dist.bench.plots import plot_capacity, plot_scaling
 from reptile_dist.bench.ps_capacity import capacity_sweep
-from reptile_dist.bench.report import (CAPACITY_COLUMNS, MODEL_COLUMNS, engine_section, markdown_table, write_markdown,
-                                       write_parquet)
+from reptile_dist.bench.baselines import local_baselines
+from reptile_dist.bench.report import (CAPACITY_COLUMNS, LOCAL_COLUMNS, MODEL_COLUMNS, engine_section, markdown_table,
+                                       write_markdown, write_parquet)
 from reptile_dist.bench.runner import measure_engine, measure_local
 from reptile_dist.config import Config, ConfigError, load_config
 from reptile_dist.engine.cluster import ray_cluster
@@ -49,6 +50,7 @@ class BenchPlan:
     capacity_pushers: tuple[int, ...] = (2,)
     capacity_seconds: float = 5.0
     model_presets: tuple[str, ...] = OMNIGLOT_PRESETS
+    baselines: bool = True  # the local trainer against the plain loop, and its threads beside a busy process
 
     def __post_init__(self):
         if not self.workers or min(self.workers) < 1:
@@ -75,6 +77,7 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
     family = build_family(cfg)
     theta = make_learner(cfg, family).initial_theta().numpy()
     engine_rows: list[dict[str, Any]] = []
+    local_rows: list[dict[str, Any]] = []
     capacity_rows: list[dict[str, Any]] = []
     rates: dict[str, float] = {}
     cluster_mode = "allreduce" if "allreduce" in plan.modes else cfg.mode
@@ -84,6 +87,11 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
             batched = measure_local(cfg.replace(batched_adaptation=True), family, plan.seconds, plan.warmup)
             rates[plan.config] = local
             say(f"local trainer: {local:.1f} tasks/s (per-task loop), {batched:.1f} tasks/s (batched, vmap)")
+            if plan.baselines:
+                local_rows = local_baselines(cfg, family, plan.seconds, plan.warmup)
+                for r in local_rows:
+                    say(f"{r['what']}, {r['threads']} thread(s){', busy process beside' if r['busy_process_beside'] else ''}: "
+                        f"{r['tasks_per_s']:.1f} tasks/s")
             combos = [(mode, w, 1.0) for mode in plan.modes for w in workers]
             if plan.straggler_factor > 1:
                 combos += [(mode, max(workers), plan.straggler_factor) for mode in plan.modes]
@@ -104,7 +112,8 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
                     pcfg = _with_absolute_data(load_config(preset, {k: v for k, v in plan.overrides.items() if k == "data"}))
                     rates[preset] = measure_local(pcfg, build_family(pcfg), plan.capacity_seconds, 2.0)
                     say(f"{preset}: one worker adapts {rates[preset]:.1f} tasks/s")
-    return write_outputs(plan, out, command, engine_rows, capacity_rows, scaling_model(plan, capacity_rows, rates))
+    return write_outputs(plan, out, command, engine_rows, capacity_rows, scaling_model(plan, capacity_rows, rates),
+                         local_rows)
 
 
 def describe(plan: BenchPlan, cfg: Config, params: int, local: float, batched: float,
@@ -166,11 +175,19 @@ def scaling_model(plan: BenchPlan, capacity_rows: list[dict[str, Any]], rates: d
     return rows
 
 
-def write_outputs(plan: BenchPlan, out: Path, command: str, engine_rows, capacity_rows, model_rows) -> dict[str, Path]:
+def write_outputs(plan: BenchPlan, out: Path, command: str, engine_rows, capacity_rows, model_rows,
+                  local_rows=()) -> dict[str, Path]:
     written: dict[str, Path] = {}
     sections = []
     if command:
         sections.append(("Command", f"    {command}"))
+    if local_rows:
+        written["local.parquet"] = write_parquet(list(local_rows), out / "local.parquet")
+        sections.append(("Local trainer against a plain loop, and its threads under load",
+                         "Plain loop: a deepcopy of the model and a fresh Adam per task, as the reference code and "
+                         "learn2learn's example adapt; the same tasks and mini-batches. vs plain loop: tasks/s over "
+                         "the plain loop's at the same threads. Rows with a busy process beside them share the "
+                         "machine with one process spinning on a core.\n\n" + markdown_table(list(local_rows), LOCAL_COLUMNS)))
     if engine_rows:
         written["bench.parquet"] = write_parquet(engine_rows, out / "bench.parquet")
         written["scaling.png"] = plot_scaling(engine_rows, out / "scaling.png",

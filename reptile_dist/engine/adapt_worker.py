@@ -77,23 +77,27 @@ class AdaptWorker(Workspace):
         self.metrics = WorkerMetrics(index)  # tasks and tasks/s through Ray's metrics API
 
     def run(self, ps) -> dict[str, Any]:
-        """Pull theta, adapt this worker's share, push the summed delta; until the PS says done."""
+        """Pull theta, adapt this worker's share, push the summed delta and take the next theta in
+        the same call (ParameterServer.push_pull); until the PS says done."""
         cfg = self.cfg
         self._loop += 1
         loop = self._loop
-        version = -1
         adapted, busy = 0, 0.0
-        ack = None
+
+        def after(version: int) -> int:  # the version the next theta must be past
+            return -1 if cfg.mode == "async" else version
+
+        got = ray.get(ps.pull.remote(after(-1)))
         while loop == self._loop:
-            got = ray.get(ps.pull.remote(-1 if cfg.mode == "async" else version, ack))
             if got is None:
                 break
-            theta_ref, version = got
+            theta_ref, version = got[0], got[1]
             pulled, carried = ray.get(theta_ref)
             theta = torch.tensor(pulled)  # object-store arrays are read-only: copy
             moment = InnerMoment.from_state(carried)
             share = worker_share(cfg, self.index)
             if not share:
+                got = ray.get(ps.pull.remote(after(version)))
                 continue
             self._crash_if_planned(version, share)
             with self._learner_lock:
@@ -109,25 +113,18 @@ class AdaptWorker(Workspace):
                 result.delta = torch.full_like(result.delta, float("nan"))
             # Rejected here already: a non-finite sum is not worth its bytes (the PS counts it).
             payload = self.codec.encode(result) if result.finite else None
-            # Not awaited: the next pull takes this push as an argument, so Ray runs it only after
-            # the push (a large delta may still be in transfer when a bare pull would run), and in
-            # sync mode it waits for the barrier anyway; waiting here would add a round trip.
             sent_wall, sent = time.time(), time.perf_counter()
-            ack = ps.push.remote(self.index, version, result.tasks, payload)
-            self._log_push(ack, sent_wall, sent, 0 if payload is None else payload.nbytes,
-                           pulled.nbytes + (0 if carried is None else carried["sq"].nbytes))
+            got = ray.get(ps.push_pull.remote(self.index, version, result.tasks, payload, after(version)))
+            if got is not None:  # latency: the round trip less the wait for the next version
+                self._pushes.append((sent_wall, time.perf_counter() - sent - got[2],
+                                     0 if payload is None else payload.nbytes,
+                                     pulled.nbytes + (0 if carried is None else carried["sq"].nbytes)))
             adapted += result.tasks
             self.metrics.pushed(result.tasks)
         latencies = [entry[1] for entry in self._pushes]
         return {"worker": self.index, "tasks": adapted, "busy_s": busy,
                 "push_latency_median_s": float(np.median(latencies)) if latencies else math.nan,
                 "push_latency_p95_s": float(np.percentile(latencies, 95)) if latencies else math.nan}
-
-    def _log_push(self, ack, sent_wall: float, sent: float, pushed_bytes: int, pulled_bytes: int) -> None:
-        """Push latency, send to the PS having applied it, taken when the acknowledgement arrives
-        (a callback: the loop itself never waits for it)."""
-        ack.future().add_done_callback(
-            lambda _: self._pushes.append((sent_wall, time.perf_counter() - sent, pushed_bytes, pulled_bytes)))
 
     def push_log(self) -> list[tuple[float, float, int, int]]:
         """(wall time sent, latency s, bytes pushed, bytes pulled) of the newest pushes (the encoded sum, and
