@@ -34,7 +34,8 @@ def main() -> None:
                        model=lambda c: make_model(c, hidden=40), progress=False)
     print(f"test query MSE {summary['test_loss']:.4f} over {summary['eval_tasks']} tasks")
 
-    net = rd.load_model(f"{args.out}/final.pt", family=lambda c: make_family(c), model=lambda c: make_model(c, hidden=40))
+    # The run was trained on closures, so loading it takes the network's factory again (no data needed).
+    net = rd.load_model(f"{args.out}/final.pt", model=lambda c: make_model(c, hidden=40), device="cpu")
     task = make_family(cfg).eval_task(np.random.default_rng(7), "test")
     adapted = rd.adapt(net, task.support_x, task.support_y)
     with torch.no_grad():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
@@ -25,8 +24,8 @@ from reptile_dist.config import Config, ConfigError, load_config
 from reptile_dist.evaluation import TaskScores, score_task, score_tasks, summarize
 from reptile_dist.plugins import FamilyInfo, Plugins, check_task, name_of
 from reptile_dist.reptile import InnerMoment, Learner
-from reptile_dist.tasks.base import EVAL_STREAMS, Task, TaskFamily
-from reptile_dist.training import resolve_device, set_torch_threads
+from reptile_dist.tasks.base import EVAL_STREAMS, Task, TaskFamily, task_rng
+from reptile_dist.training import set_torch_threads
 
 Factory = Callable[..., Any]
 
@@ -52,6 +51,8 @@ def train(cfg: Config, out: str, *, family: Factory | None = None, model: Factor
     cfg.workers, joining cfg.address when set) into the run directory `out`; the summary (the
     keys of summary.json). `on_log(row)`: called with every logged row (not with allreduce)."""
     cfg, plugins = _with_factories(cfg, family, model)
+    if cfg.backend == "local" and cfg.address:
+        raise ConfigError(f"address={cfg.address} needs backend: ray (--backend ray)")
     if cfg.backend == "local":
         from reptile_dist.local import train_local
 
@@ -61,9 +62,9 @@ def train(cfg: Config, out: str, *, family: Factory | None = None, model: Factor
     return train_ray(cfg, out, resume=resume, progress=progress, say=say, on_log=on_log, plugins=plugins)
 
 
-def _load(checkpoint: str, family: Factory | None, model: Factory | None, device: str | None) -> Pretrained:
-    return load_pretrained(checkpoint, family, model, None if device is None else resolve_device(
-        Config(device=device)), images=False)
+def _load(checkpoint: str, model: Factory | None, device: str | None,
+          overrides: dict[str, Any] | None = None) -> Pretrained:
+    return load_pretrained(checkpoint, model, device, images=False, overrides=overrides)
 
 
 class TrainedModel:
@@ -79,20 +80,19 @@ class TrainedModel:
         self._loss = pretrained.learner.loss
 
 
-def load_model(checkpoint: str, *, family: Factory | None = None, model: Factory | None = None,
-               device: str | None = None) -> nn.Module:
-    """The trained network of a final.pt with theta loaded, built by the run's own plug-ins (or
-    the factories given: a run trained on Python objects needs them again); `network.reptile`
-    is its TrainedModel."""
-    pretrained = _load(checkpoint, family, model, device)
+def load_model(checkpoint: str, *, model: Factory | None = None, device: str | None = None) -> nn.Module:
+    """The trained network of a final.pt with theta loaded, built by the run's own network plug-in
+    (or the `model` factory: a run trained on a Python object needs it again), on `device` (default
+    auto); `network.reptile` is its TrainedModel."""
+    pretrained = _load(checkpoint, model, device)
     network = pretrained.learner.model
     network.reptile = TrainedModel(pretrained)
     return network
 
 
-def _pretrained_of(trained: str | nn.Module, family: Factory | None, model: Factory | None) -> Pretrained:
+def _pretrained_of(trained: str | nn.Module, model: Factory | None) -> Pretrained:
     if isinstance(trained, str):
-        return _load(trained, family, model, None)
+        return _load(trained, model, None)
     info = getattr(trained, "reptile", None)
     if not isinstance(trained, nn.Module) or not isinstance(info, TrainedModel):
         raise ConfigError("expected a final.pt path or a network from rd.load_model")
@@ -106,12 +106,12 @@ def _pretrained_of(trained: str | nn.Module, family: Factory | None, model: Fact
 
 
 def adapt(trained: str | nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *, steps: int | None = None,
-          seed: int = 0, family: Factory | None = None, model: Factory | None = None) -> nn.Module:
+          seed: int = 0, model: Factory | None = None) -> nn.Module:
     """A copy of the trained network adapted to one task (support_x, support_y) with the run's
     evaluation inner loop (`steps`: default eval_inner_steps), as `reptile-dist adapt` and
     held-out evaluation adapt; from the carried second-moment estimate when the run kept one.
     `trained`: a final.pt path or a network from `load_model`."""
-    pretrained = _pretrained_of(trained, family, model)
+    pretrained = _pretrained_of(trained, model)
     if steps is not None and steps < 0:
         raise ConfigError(f"steps={steps} is out of range (must be >= 0)")
     adapted = copy.deepcopy(adapt_task(pretrained, support_x, support_y, steps, seed))
@@ -129,8 +129,8 @@ def evaluate(checkpoint: str, tasks: int | Iterable[Task] | None = None, *, spli
     `tasks`: how many tasks of `split` the run's family draws (default the config's eval_tasks),
     or your own Task objects. `transductive`: None scores both ways; True or False only that one
     (non-transductive is the slower). `overrides`: config changes (e.g. {"data": ...})."""
-    pretrained = _load(checkpoint, family, model, device)
-    cfg = pretrained.cfg.replace(**(overrides or {}))
+    pretrained = _load(checkpoint, model, device, overrides)
+    cfg = pretrained.cfg
     if split not in EVAL_STREAMS:
         raise ConfigError(f"split={split!r} is not one of {', '.join(EVAL_STREAMS)}")
     threads = set_torch_threads(cfg)
@@ -152,7 +152,7 @@ def _evaluate(pretrained: Pretrained, cfg: Config, tasks, split: str, transducti
     scores = TaskScores([], [], [])
     for i, task in enumerate(tasks):
         check_task(task, cfg.family, f"task {i}")
-        rng = np.random.default_rng([cfg.seed, EVAL_STREAMS[split], i])
+        rng = task_rng(cfg.seed, EVAL_STREAMS[split], 0, i)  # as score_tasks seeds task i
         score_task(learner, pretrained.info.kind, theta, cfg, task, rng, moment, transductive, scores)
     learner.load(theta)
     return summarize(scores)

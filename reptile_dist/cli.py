@@ -7,7 +7,7 @@ import errno
 import json
 import sys
 
-from reptile_dist.config import PRESETS, ConfigError, load_config, parse_overrides
+from reptile_dist.config import PRESETS, Config, load_config, parse_overrides
 
 DEFAULT_CONFIG = "sine"
 from reptile_dist.errors import RunFailed, UserError
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--steps", type=int, help="inner steps (default: the checkpoint config's eval_inner_steps)")
     adapt.add_argument("--transductive", action="store_true", help="predict all queries in one batch")
     adapt.add_argument("--seed", type=int, default=0, help="seed of the inner loop's mini-batches")
+    adapt.add_argument("--device", help="auto (a GPU when there is one; the default), cpu, cuda, cuda:N")
     adapt.add_argument("--out", help="also write the predictions as CSV: file,predicted_class,probability")
 
     export = sub.add_parser("export", help="write a final.pt from a mid-run checkpoint or another final.pt")
@@ -143,8 +144,6 @@ def cmd_train(args) -> int:
         cfg = recorded.replace(**overrides)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
-    if cfg.backend == "local" and cfg.address:
-        raise ConfigError("--address needs --backend ray")
     from reptile_dist.api import train
     from reptile_dist.rundir import json_safe
 
@@ -236,8 +235,10 @@ def cmd_adapt(args) -> int:
 
     if args.out:
         check_output_file(args.out)  # before adapting, so a bad --out costs no work
+    if args.device is not None:
+        Config(device=args.device)  # a bad name is one line before the model is loaded
     predictions = adapt_and_predict(args.checkpoint, args.support, args.query, steps=args.steps,
-                                    transductive=args.transductive, seed=args.seed)
+                                    transductive=args.transductive, seed=args.seed, device=args.device)
     print(to_table(predictions), end="")
     if args.out:
         write_csv(predictions, args.out)

@@ -12,7 +12,7 @@ from reptile_dist.config import Config
 from reptile_dist.evaluation import evaluate
 from reptile_dist.plugins import Plugins
 from reptile_dist.training import (RunSetup, checkpoint_state, evaluate_before, finish_run, finished_run, meta_train,
-                                   resolve_device, set_torch_threads, setup_run)
+                                   prepare_run, resolve_device, set_torch_threads, setup_run)
 
 SHOWN = ("train_loss", "eval_accuracy", "eval_loss", "tasks_per_s")
 
@@ -29,7 +29,7 @@ def train_local(cfg: Config, out: str, resume: bool = False, progress: bool = Tr
     device = resolve_device(cfg)
     threads = set_torch_threads(cfg)
     try:
-        s = setup_run(cfg, out, resume, say, plugins, device)
+        s = setup_run(cfg, out, resume, say, prepare_run(cfg, plugins, device))
         try:
             return _train(cfg, s, started, progress, say, on_log)
         finally:

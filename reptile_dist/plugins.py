@@ -59,7 +59,7 @@ def import_object(path: str, key: str) -> Any:
     try:
         obj = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise PluginError(f"{key}={path}: no module named {exc.name!r} (run from the folder that holds it, or "
                               f"add that folder to PYTHONPATH)") from None
         raise PluginError(f"{key}={path}: importing {module_name} fails: {_one_line(exc)}") from None
@@ -115,15 +115,17 @@ class Plugins:
     """The factories a run builds its family and network with, and its loss (None: the default
     for the family's kind). Picklable: Ray hands it to every worker."""
 
-    family: Callable[..., TaskFamily]
+    family: Callable[..., TaskFamily] | None  # None: not needed (a trained model loaded without its data)
     model: Callable[..., nn.Module]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
-    def of(cls, cfg: Config, family: Callable | None = None, model: Callable | None = None) -> "Plugins":
-        """The config's plug-ins, imported (PluginError if one cannot be), or the factories given."""
+    def of(cls, cfg: Config, family: Callable | None = None, model: Callable | None = None,
+           with_family: bool = True) -> "Plugins":
+        """The config's plug-ins, imported (PluginError if one cannot be), or the factories given;
+        without the family when `with_family` is False (loading a trained network needs none)."""
         return cls(
-            family or import_object(BUILTIN_FAMILIES.get(cfg.family, cfg.family), "family"),
+            family or (import_object(BUILTIN_FAMILIES.get(cfg.family, cfg.family), "family") if with_family else None),
             model or import_object(BUILTIN_MODELS.get(cfg.model, cfg.model), "model"),
             import_object(cfg.loss, "loss") if cfg.loss else None,
         )
@@ -173,14 +175,33 @@ def _accepts(factory: Callable, keyword: str) -> bool:
     return keyword in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
+def _ours(obj: Any) -> bool:
+    """A built-in (reptile-dist's own code): its failures are bugs, shown with their traceback."""
+    module = getattr(obj, "__module__", None) or type(obj).__module__
+    return module.split(".")[0] == "reptile_dist"
+
+
+def _shown(key: str, args: dict[str, Any]) -> str:
+    mine = {k: v for k, v in args.items() if k != "family"}  # the family handed to a model factory is not an arg
+    return f" (with {key}_args {mine})" if mine else ""
+
+
 def _call(factory: Callable, key: str, name: str, cfg: Config, args: dict[str, Any]) -> Any:
     try:
         return factory(cfg, **args)
     except UserError:
         raise  # a built-in's own one-line error (a missing data table, too few classes)
-    except Exception as exc:
+    except TypeError as exc:
+        if _ours(factory) and "argument" not in str(exc):  # a wrong family_args key is the user's
+            raise
         raise PluginError(f"{key}={name}: the factory raised {_one_line(exc)}"
-                          f"{f' (with {key}_args {args})' if args else ''}") from None
+                          f"{_shown(key, args)}") from None
+    except Exception as exc:
+        if _ours(factory):
+            raise
+
+        raise PluginError(f"{key}={name}: the factory raised {_one_line(exc)}"
+                          f"{_shown(key, args)}") from None
 
 
 def check_task(task: Any, name: str, what: str) -> Task:
@@ -207,19 +228,20 @@ def check_network(model: nn.Module, family: TaskFamily, cfg: Config,
     except UserError:
         raise
     except Exception as exc:
+        if _ours(family):
+            raise
         raise PluginError(f"family={cfg.family}: train_task raised {_one_line(exc)}") from None
     task = check_task(task, cfg.family, "train_task")
     before = {name: b.detach().clone() for name, b in model.named_buffers()}
-    rng_state = torch.get_rng_state()  # dropout in a check must not shift the run's own draws
-    try:
-        with torch.no_grad():
-            out = model(task.support_x.to(device))
-            value = loss(out, task.support_y.to(device))
-    except Exception as exc:
-        raise PluginError(f"model={cfg.model} fails on a training task of family={cfg.family} (inputs "
-                          f"{tuple(task.support_x.shape)}): {_one_line(exc)}") from None
-    finally:
-        torch.set_rng_state(rng_state)
+    # Dropout in a check must not shift the run's own draws, on the CPU or the GPU.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            with torch.no_grad():
+                out = model(task.support_x.to(device))
+                value = loss(out, task.support_y.to(device))
+        except Exception as exc:  # a network that does not fit the family's tasks (built-in or not)
+            raise PluginError(f"model={cfg.model} fails on a training task of family={cfg.family} (inputs "
+                              f"{tuple(task.support_x.shape)}): {_one_line(exc)}") from None
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         raise PluginError(f"the loss ({cfg.loss or 'default'}) returned {type(value).__name__} "
                           f"{tuple(getattr(value, 'shape', ()))}, not a scalar tensor")

@@ -27,7 +27,7 @@ from reptile_dist.plugins import FamilyInfo, Plugins
 from reptile_dist.reptile import InnerMoment, Learner
 from reptile_dist.rundir import load_checkpoint, save_torch
 from reptile_dist.tasks.images import load_images
-from reptile_dist.training import CHECKPOINT_FORMAT, FINAL_FORMAT, final_state, resolve_device
+from reptile_dist.training import CHECKPOINT_FORMAT, FINAL_FORMAT, final_state, make_learner, resolve_device
 
 IMAGE_FAMILIES = ("omniglot", "synthetic")  # both store 28x28 uint8 images, ink 255 on paper 0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -68,13 +68,7 @@ def _learner_for(cfg: Config, info: FamilyInfo, plugins: Plugins | None = None,
                  device: str | torch.device = "cpu") -> Learner:
     """The trained network's workspace, built by the run's own plug-ins without its data (the
     model factory is handed the recorded FamilyInfo as its `family`)."""
-    plugins = plugins or Plugins.of(cfg)
-    torch.manual_seed(cfg.seed)
-    learner = Learner(plugins.build_model(cfg, info), info.kind, cfg.inner_optimizer, cfg.inner_lr, device,
-                      plugins.loss_for(info.kind))
-    learner.family_info = {"kind": info.kind, "input_shape": list(info.input_shape) if info.input_shape else None,
-                           "preprocessing": info.preprocessing}
-    return learner
+    return make_learner(cfg, info, device, plugins or Plugins.of(cfg, with_family=False), check=False)
 
 
 def is_image_classifier(cfg: Config, info: FamilyInfo) -> bool:
@@ -83,11 +77,13 @@ def is_image_classifier(cfg: Config, info: FamilyInfo) -> bool:
     return len(info.input_shape) == 3 if info.input_shape else cfg.family in IMAGE_FAMILIES
 
 
-def load_pretrained(path: str, family=None, model=None, device: str | torch.device | None = None,
-                    images: bool = True) -> Pretrained:
+def load_pretrained(path: str, model=None, device: str | None = None, images: bool = True,
+                    overrides: dict | None = None) -> Pretrained:
     """A final.pt as a learner and its theta, its network built by the run's plug-ins (or the
-    factories `family` / `model`, for a run trained on Python objects), on `device` (default: the
-    config's); `images`: only an image classifier's (what the `adapt` command reads)."""
+    `model` factory, for a run trained on Python objects) with `overrides` applied to its config
+    first (an evaluation's inner_lr, say), on `device` (`auto`, `cpu`, `cuda[:N]`; default auto:
+    the machine that trained it may have had a GPU this one lacks); `images`: only an image
+    classifier's (what the `adapt` command reads)."""
     state = load_checkpoint(path)  # CheckpointError for a missing or truncated file
     if not isinstance(state, dict) or state.get("format") != FINAL_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
@@ -95,12 +91,13 @@ def load_pretrained(path: str, family=None, model=None, device: str | torch.devi
                 if found == CHECKPOINT_FORMAT else "")
         raise AdaptError(f"{path} is not a final.pt written by reptile-dist (format {found!r}, expected "
                          f"{FINAL_FORMAT!r}){hint}")
-    cfg = _config_of(state, path)
+    cfg = _config_of(state, path).replace(**(overrides or {}))
+    cfg = cfg.replace(device=device or (overrides or {}).get("device") or "auto")
     info = FamilyInfo.from_state(state.get("family_info"), cfg)
     if images and not is_image_classifier(cfg, info):
         raise AdaptError(f"{path} is a {cfg.family} checkpoint ({info.kind}); adapt needs an image-classification "
                          f"checkpoint")
-    learner = _learner_for(cfg, info, Plugins.of(cfg, family, model), device or resolve_device(cfg))
+    learner = _learner_for(cfg, info, Plugins.of(cfg, model=model, with_family=False), resolve_device(cfg))
     try:
         learner.model.load_state_dict(state["model_state"])
     except (KeyError, RuntimeError) as exc:
@@ -123,7 +120,7 @@ def export_final(checkpoint_path: str, out_path: str | Path, overrides: dict | N
     state = load_checkpoint(checkpoint_path)
     found = state.get("format") if isinstance(state, dict) else None
     if found == FINAL_FORMAT:
-        pretrained = load_pretrained(checkpoint_path, device="cpu", images=False)
+        pretrained = load_pretrained(checkpoint_path, device="cpu", images=False)  # the overrides come below
         cfg, theta, step, moment = pretrained.cfg, pretrained.theta, pretrained.step, pretrained.moment
         info = pretrained.info
     elif found == CHECKPOINT_FORMAT:
@@ -212,11 +209,11 @@ def read_queries(path: str | Path, preprocessing: dict | None = None) -> tuple[t
 
 
 def adapt_and_predict(checkpoint: str, support: str | Path, query: str | Path, steps: int | None = None,
-                      transductive: bool = False, seed: int = 0) -> list[Prediction]:
+                      transductive: bool = False, seed: int = 0, device: str | None = None) -> list[Prediction]:
     """Adapt the checkpoint's theta on the support set with its evaluation inner loop (from its
     carried second-moment estimate when it has one, else a fresh optimizer; mini-batches drawn
     from `seed`), then predict every query."""
-    model = load_pretrained(checkpoint)
+    model = load_pretrained(checkpoint, device=device)
     cfg = model.cfg
     preprocessing = model.info.preprocessing if model.info else None
     sx, sy, names = read_support(support, cfg.ways, preprocessing)

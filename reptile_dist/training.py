@@ -27,16 +27,34 @@ FINAL_FORMAT = "reptile-dist-final-v1"
 
 
 def make_learner(cfg: Config, family: TaskFamily, device: str | torch.device = "cpu",
-                 plugins: Plugins | None = None) -> Learner:
+                 plugins: Plugins | None = None, check: bool = True) -> Learner:
     """The model workspace, initialised from cfg.seed so every process builds the same theta_0,
-    and checked on a sample task (plugins.check_network)."""
+    and (`check`) tried on a sample task (plugins.check_network). `family` may be the FamilyInfo
+    stand-in a trained model's file records (then nothing is checked: there are no tasks)."""
     plugins = plugins or Plugins.of(cfg)
     torch.manual_seed(cfg.seed)
     model = plugins.build_model(cfg, family)
     learner = Learner(model, family.kind, cfg.inner_optimizer, cfg.inner_lr, device, plugins.loss_for(family.kind))
-    check_network(learner.model, family, cfg, learner.loss, learner.device)
+    if check:
+        check_network(learner.model, family, cfg, learner.loss, learner.device)
     learner.family_info = family_info(family)
     return learner
+
+
+@dataclass
+class Prepared:
+    """What a run builds before it touches its run directory or Ray: the plug-ins, the family with
+    its data, and the learner, checked on a sample task."""
+
+    plugins: Plugins
+    family: TaskFamily
+    learner: Learner
+
+
+def prepare_run(cfg: Config, plugins: Plugins | None = None, device: str | torch.device = "cpu") -> Prepared:
+    plugins = plugins or Plugins.of(cfg)
+    family = plugins.build_family(cfg)
+    return Prepared(plugins, family, make_learner(cfg, family, device, plugins))
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -55,12 +73,13 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 def periodic_split(family: TaskFamily) -> str:
-    """Validation classes when there are any, else the test split (as the reference logs).
-    Regression tasks come from a continuous family: its validation stream never meets the test tasks."""
-    if family.kind == "regression":
-        return "val"
+    """The split periodic evaluations score: `val`, which every family answers (TaskFamily's
+    protocol), unless it is a table of image classes without validation classes, which fall back
+    to the test split (as the reference logs)."""
     classes = getattr(family, "classes", None)
-    return "val" if classes is not None and classes.splits.get("val") else "test"
+    if family.kind == "regression" or classes is None:
+        return "val"
+    return "val" if classes.splits.get("val") else "test"
 
 
 def checkpoint_state(cfg: Config, step: int, outer_state: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -279,13 +298,12 @@ def meta_train(cfg: Config, learner: Learner, family: TaskFamily, outer: OuterOp
 
 
 def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], None] = print,
-              plugins: Plugins | None = None, device: str | torch.device = "cpu") -> RunSetup:
+              prepared: Prepared | None = None, device: str | torch.device = "cpu") -> RunSetup:
     """Load data, build theta_0 and the outer optimizer, claim `out`; when resuming, restore the
     newest readable checkpoint, which must exist and belong to this configuration. The family and
-    network are built (and checked) before the run directory is touched."""
-    plugins = plugins or Plugins.of(cfg)
-    family = plugins.build_family(cfg)
-    learner = make_learner(cfg, family, device, plugins)
+    network (`prepared`, else built here) are built and checked before the run directory is touched."""
+    prepared = prepared or prepare_run(cfg, device=device)
+    plugins, family, learner = prepared.plugins, prepared.family, prepared.learner
     run = RunDir(out)
     run.start(cfg, resume=resume)
     try:

@@ -158,11 +158,11 @@ def test_closure_factories_reach_ray_workers(tmp_path):
     # Loading it back needs the factories again: one line says so.
     with pytest.raises(PluginError, match="pass it again"):
         rd.load_model(str(tmp_path / "ray" / "final.pt"))
-    net = rd.load_model(str(tmp_path / "ray" / "final.pt"), family=family, model=model)
+    net = rd.load_model(str(tmp_path / "ray" / "final.pt"), model=model)  # the network's factory: no data needed
     assert torch.equal(torch.cat([p.flatten() for p in net.parameters()]), final_theta(tmp_path / "ray"))
 
 
-def test_yaml_plugin_through_the_cli_then_eval_export_resume(user_module, tmp_path, capsys):
+def test_yaml_plugin_through_the_cli_then_eval_export(user_module, tmp_path, capsys):
     (user_module / "run.yaml").write_text(textwrap.dedent("""
         family: lines_plugin:make_family
         family_args: {slope: 2.0}
@@ -186,15 +186,19 @@ def test_yaml_plugin_through_the_cli_then_eval_export_resume(user_module, tmp_pa
     assert "over 4 tasks" in capsys.readouterr().out
     assert main(["export", "--checkpoint", str(out / "checkpoints" / "ckpt-00000003.pt"),
                  "--out", str(tmp_path / "mid.pt")]) == 0
-    # The run's loss is the user's: the evaluation's query loss is an L1 loss.
-    result = rd.evaluate(str(out / "final.pt"), tasks=3)
+    assert main(["eval", "--checkpoint", str(tmp_path / "mid.pt"), "--tasks", "2"]) == 0  # the export loads
+
+    # Your own tasks, scored with the run's own loss: the user's L1. Without inner steps a task's
+    # query loss is the trained network's mean absolute error on it.
     net = rd.load_model(str(out / "final.pt"))
-    task = rd.load_config("sine").replace(train_shots=8)  # any config: the family is rebuilt from the run's
-    fam = Plugins.of(net.reptile.config).build_family(net.reptile.config)
-    one = fam.eval_task(np.random.default_rng(0), "test")
-    own = rd.evaluate(str(out / "final.pt"), tasks=[one])
-    assert own["tasks"] == 1 and result["tasks"] == 3 and task.train_shots == 8
-    adapted = rd.adapt(net, one.support_x, one.support_y, steps=5)
+    config = net.reptile.config
+    fam = Plugins.of(config).build_family(config)
+    drawn = [fam.eval_task(np.random.default_rng(i), "test") for i in range(3)]
+    scored = rd.evaluate(str(out / "final.pt"), tasks=drawn, overrides={"eval_inner_steps": 0})
+    with torch.no_grad():
+        expected = np.mean([(net(t.query_x) - t.query_y).abs().mean().item() for t in drawn])
+    assert scored["tasks"] == 3 and scored["loss"] == pytest.approx(expected, rel=1e-5)
+    adapted = rd.adapt(net, drawn[0].support_x, drawn[0].support_y, steps=5)
     assert not torch.equal(next(adapted.parameters()), next(net.parameters()))  # net itself unchanged by adapt
     # Without the module, the checkpoint names it in one line.
     sys.modules.pop("lines_plugin", None)
@@ -260,3 +264,55 @@ def test_examples_run_shortened(tmp_path):
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert (tmp_path / "cli" / "final.pt").exists()
 
+
+
+def test_a_plugin_run_resumes_from_the_cli_exactly(user_module, tmp_path):
+    """Interrupted after its first checkpoint (on_log raises), then resumed by the CLI from what the
+    run directory records: the same theta as a run never interrupted."""
+    cfg = plugin_config(meta_iters=6, checkpoint_every=2, log_every=1, eval_every=0)
+    rd.train(cfg, str(tmp_path / "whole"))
+
+    def stop_at_3(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rd.train(cfg, str(tmp_path / "cut"), on_log=stop_at_3)
+    assert not (tmp_path / "cut" / "final.pt").exists()
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
+    assert torch.equal(final_theta(tmp_path / "cut"), final_theta(tmp_path / "whole"))
+
+
+def test_eval_honours_overrides_of_the_inner_loop_and_ignores_the_training_machines_device(user_module, tmp_path,
+                                                                                            capsys):
+    rd.train(plugin_config(), str(tmp_path / "run"))
+    path = str(tmp_path / "run" / "final.pt")
+    plain = rd.evaluate(path, tasks=3)
+    assert rd.evaluate(path, tasks=3, overrides={"inner_lr": 5.0}) != plain
+    # A file written on a GPU machine (device: cuda) loads and evaluates on this one.
+    state = torch.load(path, weights_only=True)
+    state["config"]["device"] = "cuda"
+    from reptile_dist.rundir import save_torch
+
+    (tmp_path / "gpu.pt").write_bytes(save_torch(state))
+    assert main(["eval", "--checkpoint", str(tmp_path / "gpu.pt"), "--tasks", "3"]) == 0
+    assert rd.evaluate(str(tmp_path / "gpu.pt"), tasks=3) == plain
+
+
+def test_a_bug_in_a_builtin_factory_keeps_its_traceback(monkeypatch, tmp_path):
+    import reptile_dist.tasks.sine as sine
+
+    def broken(*args):
+        raise KeyError("a bug of ours")
+
+    monkeypatch.setattr(sine, "SineFamily", broken)  # what the built-in factory, sine_family, calls
+    with pytest.raises(KeyError, match="a bug of ours"):
+        main(["train", "--config", "sine", "--out", str(tmp_path / "run"), "--no-progress"])
+
+
+def test_an_unreachable_cluster_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "sine", "--backend", "ray", "--address", "127.0.0.1:1", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert "cannot reach the Ray cluster" in capsys.readouterr().err
+    assert not out.exists()

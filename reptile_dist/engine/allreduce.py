@@ -42,7 +42,8 @@ from reptile_dist.rundir import RunDir, load_torch_bytes
 from reptile_dist.plugins import Plugins, build_family
 from reptile_dist.errors import RunFailed
 from reptile_dist.training import (LoopHooks, RunSetup, Throughput, checkpoint_state, finish_run, finished_run,
-                                   make_learner, meta_train, periodic_split, set_torch_threads, setup_run)
+                                   make_learner, meta_train, periodic_split, prepare_run, set_torch_threads,
+                                   setup_run)
 
 STATE_FILE = "state.pt"
 TRAIN_STORAGE = "ray-train"  # Ray Train's own checkpoints; inside the run directory while it runs, removed after
@@ -58,12 +59,13 @@ def train_allreduce(cfg: Config, out: str, address: str | None = None, resume: b
     finished = finished_run(out, resume, say)
     if finished is not None:
         return finished
-    s = setup_run(cfg, out, resume, say, plugins)  # the family and network checked before Ray starts
-    try:
-        with ray_cluster(cfg, address or cfg.address or None):
+    prepared = prepare_run(cfg, plugins)  # the family and network checked before Ray starts
+    with ray_cluster(cfg, address or cfg.address or None):
+        s = setup_run(cfg, out, resume, say, prepared)  # the run directory claimed once Ray is there
+        try:
             return _fit(cfg, s, started, progress, say)
-    finally:
-        s.run.release()
+        finally:
+            s.run.release()
 
 
 def _fit(cfg: Config, s: RunSetup, started: float, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:

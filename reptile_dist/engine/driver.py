@@ -27,7 +27,7 @@ from reptile_dist.evaluation import combine_scores, headline, summarize
 from reptile_dist.plugins import Plugins
 from reptile_dist.reptile import InnerMoment
 from reptile_dist.training import (Cadence, RunFailed, RunSetup, Throughput, checkpoint_state, finish_run,
-                                   finished_run, periodic_split, setup_run)
+                                   finished_run, periodic_split, prepare_run, setup_run)
 
 TICK_S = 0.2
 # Waits that would otherwise hang the driver when an actor cannot be placed or stops answering.
@@ -90,12 +90,13 @@ def train_ray(cfg: Config, out: str, address: str | None = None, resume: bool = 
     finished = finished_run(out, resume, say)
     if finished is not None:
         return finished
-    s = setup_run(cfg, out, resume, say, plugins)  # the family and network checked before Ray starts
-    try:
-        with ray_cluster(cfg, address or cfg.address or None):
+    prepared = prepare_run(cfg, plugins)  # the family and network checked before Ray starts
+    with ray_cluster(cfg, address or cfg.address or None):
+        s = setup_run(cfg, out, resume, say, prepared)  # the run directory claimed once Ray is there
+        try:
             return EngineRun(cfg, out, resume, progress, say, on_log).run(s)
-    finally:
-        s.run.release()
+        finally:
+            s.run.release()
 
 
 class EngineRun:

@@ -166,7 +166,7 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
     base = _base_config(_mapping(data, "base"), base_dir, meta_iters, report_every)
     space = _space(_mapping(data, "space"), base)
 
-    metric, mode = _metric(data, base)
+    metric, mode = _metric(data, base, _family_kind(base))
     search = data.get("search") or "random"
     if search not in SEARCHES:
         raise SweepError(f"search={search!r} is not one of {', '.join(SEARCHES)}")
@@ -219,7 +219,7 @@ def _base_config(base: dict[str, Any], base_dir: Path, meta_iters: int, report_e
                           keep_checkpoints=meta_iters // report_every)
     except ConfigError as exc:
         raise SweepError(f"base: {exc}") from None
-    if cfg.family == "omniglot" and "://" not in cfg.data and not Path(cfg.data).is_absolute():
+    if cfg.family in ("omniglot", "images") and "://" not in cfg.data and not Path(cfg.data).is_absolute():
         # Trials run in Tune's per-trial working directories: anchor the table where the sweep starts.
         cfg = cfg.replace(data=str(Path(cfg.data).resolve()))
     if cfg.mode == "allreduce":
@@ -229,7 +229,34 @@ def _base_config(base: dict[str, Any], base_dir: Path, meta_iters: int, report_e
     if cfg.family == "omniglot" and not cfg.val_characters:
         raise SweepError("base.set.val_characters: must be > 0 so trials are scored on held-out training "
                          "characters, never the test split")
+    _family_kind(cfg)  # a plug-in or an image table: imported, built and checked for a validation split now
     return cfg
+
+
+_KINDS: dict[str, str] = {}
+
+
+def _family_kind(cfg: Config) -> str:
+    """The family's kind; for a plug-in or an image table, built once here (before Tune starts: a
+    plug-in that does not import is one line, not a failure in every trial), and refused when it
+    would score trials on the test split."""
+    builtin = {"sine": "regression", "omniglot": "classification", "synthetic": "classification"}
+    if cfg.family in builtin:
+        return builtin[cfg.family]
+    key = f"{cfg.family}|{cfg.data}|{sorted(cfg.family_args.items())}"
+    if key not in _KINDS:
+        from reptile_dist.plugins import build_family
+        from reptile_dist.training import periodic_split
+
+        try:
+            family = build_family(cfg)
+        except UserError as exc:
+            raise SweepError(f"base: {exc}") from None
+        if family.kind == "classification" and periodic_split(family) != "val":
+            raise SweepError(f"base: family {cfg.family} has no validation split ('val' classes) to score trials "
+                             f"on, and trials must never see the test split")
+        _KINDS[key] = family.kind
+    return _KINDS[key]
 
 
 def _space(space: dict[str, Any], base: Config) -> tuple[Dimension, ...]:
@@ -276,11 +303,11 @@ def _range(where: str, name: str, kind: str, values: list) -> list:
     return [low, high]
 
 
-def _metric(data: dict[str, Any], base: Config) -> tuple[str, str]:
+def _metric(data: dict[str, Any], base: Config, kind: str) -> tuple[str, str]:
     allowed = {"eval_loss": "min"}
-    if base.family != "sine":
+    if kind == "classification":
         allowed.update(eval_accuracy="max", eval_transductive_accuracy="max")
-    metric = data.get("metric", "eval_loss" if base.family == "sine" else "eval_accuracy")
+    metric = data.get("metric", "eval_loss" if kind == "regression" else "eval_accuracy")
     if metric not in allowed:
         raise SweepError(f"metric={metric!r} is not one of {', '.join(allowed)} "
                          f"(the periodic evaluation on validation tasks of the {base.family} family)")
