@@ -15,7 +15,7 @@ from reptile_dist.config import ConfigError, Config
 def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_local, tmp_path):
     plan = BenchPlan(config="sine", overrides=dict(torch_threads=1), workers=(2,), modes=("sync", "async"),
                      seconds=1.5, warmup=0.5, capacity_params=(10_000,), capacity_dtypes=("float32",),
-                     capacity_pushers=(1,), capacity_seconds=1.0, model_presets=("sine",))
+                     capacity_pushers=(1,), capacity_seconds=1.0, model_presets=("sine",), baselines=False)
     written = run_bench(plan, tmp_path, say=lambda m: None)
 
     rows = pq.read_table(tmp_path / "bench.parquet").to_pylist()
@@ -27,7 +27,10 @@ def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_lo
         assert 0 < row["efficiency_vs_w1"] <= 1.5 and 0 < row["efficiency_vs_local"] <= 1.5
         assert 0 < row["ps_busy_fraction"] < 1
         assert 0 < row["push_latency_median_ms"] <= row["push_latency_p95_ms"]
-        assert row["mb_per_s"] > 0 and row["dropped_deltas"] == 0 and row["nodes"] == 1
+        assert row["mb_per_s"] > 0 and row["nodes"] == 1
+        # Async drops a delta staler than the bound (4): two workers of millisecond sine tasks on two
+        # busy cores can meet that now and then, never often; sync never drops one.
+        assert row["dropped_deltas"] <= (0 if row["mode"] == "sync" else 0.05 * row["pushes_per_s"] * row["window_s"])
         if row["mode"] == "sync":
             assert row["staleness_mean"] == row["staleness_max"] == 0
             assert set(json.loads(row["staleness_histogram"])) == {"0"}
@@ -41,13 +44,23 @@ def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_lo
     text = (tmp_path / "bench.md").read_text()
     assert "| sync | 2 |" in text and "![scaling](scaling.png)" in text
 
-    local = pq.read_table(tmp_path / "local.parquet").to_pylist()
-    plain = [r for r in local if r["what"].startswith("plain loop")]
+
+
+def test_the_local_baselines_run_the_plain_loop_and_the_trainer_beside_a_busy_process(tmp_path):
+    from reptile_dist.bench.baselines import local_baselines
+    from reptile_dist.bench.suite import write_outputs
+    from reptile_dist.plugins import build_family
+
+    cfg = Config(torch_threads=1)  # sine
+    rows = local_baselines(cfg, build_family(cfg), seconds=0.4, warmup=0.1)
+    plain = [r for r in rows if r["what"].startswith("plain loop")]
     assert plain and all(r["tasks_per_s"] > 0 and r["vs_plain_loop"] == 1.0 for r in plain)
-    assert {r["threads"] for r in local if not r["busy_process_beside"]} == {1, os.cpu_count()}
-    loaded = [r for r in local if r["busy_process_beside"]]
+    assert {r["threads"] for r in rows if not r["busy_process_beside"]} == {1, os.cpu_count()}
+    loaded = [r for r in rows if r["busy_process_beside"]]
     assert len(loaded) == 2 and all(r["tasks_per_s"] > 0 and r["vs_plain_loop"] is None for r in loaded)
-    assert "Local trainer against a plain loop" in text
+    written = write_outputs(BenchPlan(config="sine"), tmp_path, "", [], [], [], rows)
+    assert len(pq.read_table(written["local.parquet"]).to_pylist()) == len(rows)
+    assert "Local trainer against a plain loop" in (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.slow  # Ray Train

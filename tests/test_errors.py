@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from reptile_dist import cli
@@ -213,3 +214,14 @@ def test_adapt_writes_the_users_names_safely_into_the_csv(model_file, tmp_path, 
         rows = list(csv.DictReader(f))
     assert sorted(r["file"] for r in rows) == sorted(["'=HYPERLINK(\"y\").png", "'@q.png", f"{newline}.png"])
     assert {r["predicted_class"] for r in rows} <= {"'" + c if c[0] in "=+-@" else c for c in classes}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_one_line_before_anything_starts(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", "sine", "--set", "device=cuda", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "device=cuda, but torch sees no GPU here" in err
+    assert not out.exists()
+    assert cli.main(["train", "--config", "sine", "--set", "device=gpu", "--out", str(out)]) == 2
+    assert "device='gpu' is not one of auto, cpu, cuda, cuda:N" in capsys.readouterr().err
