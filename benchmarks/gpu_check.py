@@ -65,7 +65,7 @@ def steps_per_s(cfg, device: str, seconds: float = 8.0, warmup: int = 3) -> floa
     """Tasks/s of the local trainer's meta-step on `device`."""
     family = build_family(cfg)
     learner = make_learner(cfg, family, device)
-    outer = OuterOptimizer(learner.initial_theta().cpu(), cfg.outer_optimizer, cfg.carries_inner_moment)
+    outer = OuterOptimizer.for_config(cfg, learner.initial_theta().cpu())
     tasks = range(cfg.meta_batch_size)
     for step in range(warmup):
         meta_step(learner, family, outer, cfg, step, tasks)

@@ -91,8 +91,11 @@ class Config:
     meta_batch_size: int = knob(5, "tasks per meta-step", lo=1)
     meta_step_size: float = knob(1.0, "outer step size epsilon at the start", lo=0.0, lo_open=True)
     meta_step_size_final: float = knob(0.0, "outer step size at the end (linear annealing)", lo=0.0)
-    outer_optimizer: str = knob("sgd", "sgd: theta += eps * mean delta; adam: Adam on the pseudo-gradient",
-                                choices=("sgd", "adam"))
+    outer_optimizer: str = knob("sgd", "sgd: theta += eps * mean delta; adam: Adam on the pseudo-gradient; "
+                                       "nesterov: SGD with Nesterov momentum on it (DiLoCo's outer step), lr eps",
+                                choices=("sgd", "adam", "nesterov"))
+    outer_momentum: float = knob(0.9, "nesterov: momentum of the outer step (DiLoCo: 0.9, with meta_step_size 0.7)",
+                                 lo=0.0)
 
     # Evaluation.
     eval_tasks: int = knob(10_000, "held-out tasks in the final evaluation", lo=1)
@@ -139,6 +142,8 @@ class Config:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
+        if self.outer_momentum >= 1:
+            raise ConfigError(f"outer_momentum={self.outer_momentum} is out of range (must be < 1)")
         if self.meta_step_size_final > self.meta_step_size:
             raise ConfigError(
                 f"meta_step_size_final={self.meta_step_size_final} must not exceed meta_step_size={self.meta_step_size}"

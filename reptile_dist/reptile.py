@@ -326,16 +326,28 @@ def adapt_tasks_batched(learner: Learner, family: TaskFamily, theta: torch.Tenso
 class OuterOptimizer:
     """The meta update on the flat theta.
 
-    sgd:  theta <- theta + eps * mean_delta  (the paper's interpolation, Algorithm 2)
-    adam: Adam on the pseudo-gradient g = -mean_delta with learning rate eps."""
+    sgd:      theta <- theta + eps * mean_delta  (the paper's interpolation, Algorithm 2)
+    adam:     Adam on the pseudo-gradient g = -mean_delta with learning rate eps
+    nesterov: SGD with Nesterov momentum on g, learning rate eps (DiLoCo's outer step:
+              buf <- mu buf + g; theta <- theta - eps (g + mu buf))"""
 
-    def __init__(self, theta: torch.Tensor, kind: str = "sgd", carry_inner_moment: bool = False):
+    def __init__(self, theta: torch.Tensor, kind: str = "sgd", carry_inner_moment: bool = False,
+                 momentum: float = 0.9):
         self.kind = kind
         self.param = torch.nn.Parameter(theta.detach().clone().float(), requires_grad=False)
-        self._adam = torch.optim.Adam([self.param], lr=1.0) if kind == "adam" else None
+        if kind == "adam":
+            self._opt: torch.optim.Optimizer | None = torch.optim.Adam([self.param], lr=1.0)
+        elif kind == "nesterov":
+            self._opt = torch.optim.SGD([self.param], lr=1.0, momentum=momentum, nesterov=True)
+        else:
+            self._opt = None
         # The carried inner second-moment estimate (`inner_state: carried`) lives beside theta, so
         # it is checkpointed, resumed and handed to workers with it.
         self.inner_moment = InnerMoment.zeros_like(self.param.data) if carry_inner_moment else None
+
+    @classmethod
+    def for_config(cls, cfg: Config, theta: torch.Tensor) -> "OuterOptimizer":
+        return cls(theta, cfg.outer_optimizer, cfg.carries_inner_moment, cfg.outer_momentum)
 
     @property
     def theta(self) -> torch.Tensor:
@@ -345,13 +357,13 @@ class OuterOptimizer:
         """One meta update; `inner_moment` (carried state) becomes the estimate the next tasks start from."""
         if inner_moment is not None and self.inner_moment is not None:
             self.inner_moment = inner_moment
-        if self._adam is None:
+        if self._opt is None:
             self.param.data.add_(mean_delta, alpha=step_size)
         else:
-            for group in self._adam.param_groups:
+            for group in self._opt.param_groups:
                 group["lr"] = step_size
             self.param.grad = -mean_delta.detach().clone()
-            self._adam.step()
+            self._opt.step()
             self.param.grad = None
         return self.param.data
 
@@ -365,7 +377,7 @@ class OuterOptimizer:
         # For sgd the 1/per rides in the step size (apply's add_ alpha), one pass fewer than dividing.
         per = per or total.tasks
         delta = total.delta.to(torch.float32)
-        if self._adam is None:
+        if self._opt is None:
             return self.apply(delta, step_size / per, total.mean_moment())
         return self.apply(delta.div_(per), step_size, total.mean_moment())
 
@@ -373,16 +385,16 @@ class OuterOptimizer:
         state = {"kind": self.kind, "theta": self.param.data.clone()}
         if self.inner_moment is not None:
             state["inner_moment"] = self.inner_moment.state_dict()
-        if self._adam is not None:
-            state["adam"] = copy.deepcopy(self._adam.state_dict())  # the live one aliases Adam's moment tensors
+        if self._opt is not None:  # the live one aliases the optimizer's moment or momentum tensors
+            state[self.kind] = copy.deepcopy(self._opt.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.param.data.copy_(state["theta"])
         if self.inner_moment is not None and state.get("inner_moment") is not None:
             self.inner_moment = InnerMoment.from_state(state["inner_moment"])
-        if self._adam is not None and "adam" in state:
-            self._adam.load_state_dict(state["adam"])
+        if self._opt is not None and self.kind in state:
+            self._opt.load_state_dict(state[self.kind])
 
 
 def meta_step(learner: Learner, family: TaskFamily, outer: OuterOptimizer, cfg: Config, step: int,

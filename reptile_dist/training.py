@@ -307,7 +307,7 @@ def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], 
     run = RunDir(out)
     run.start(cfg, resume=resume)
     try:
-        outer = OuterOptimizer(learner.initial_theta().cpu(), cfg.outer_optimizer, cfg.carries_inner_moment)
+        outer = OuterOptimizer.for_config(cfg, learner.initial_theta().cpu())
         start, restored = 0, None
         if resume:
             restored = run.latest_checkpoint(warn=say)

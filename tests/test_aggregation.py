@@ -120,6 +120,21 @@ def test_restored_aggregator_continues_the_version_and_the_applied_tasks():
     assert np.array_equal(restored.theta, agg.theta)
 
 
+def test_async_nesterov_restored_from_a_checkpoint_continues_exactly_with_its_momentum():
+    cfg = ray_cfg(mode="async", meta_batch_size=2, outer_optimizer="nesterov", outer_momentum=0.9,
+                  meta_step_size=0.7, meta_step_size_final=0.7)
+    agg = Aggregator(cfg, np.zeros(2, dtype=np.float32))
+    agg.push(push(0, 0, [1.0, -2.0]))
+    agg.push(push(1, 0, [0.5, 1.0]))  # staleness 1
+    state = agg.state()
+    restored = Aggregator(cfg, np.zeros(2, dtype=np.float32), state["outer"], state["version"], state["applied_tasks"])
+    fresh_momentum = Aggregator(cfg, agg.theta.copy(), None, state["version"], state["applied_tasks"])
+    for a in (agg, restored, fresh_momentum):
+        a.push(push(0, a.version, [1.0, 1.0]))
+    assert np.array_equal(restored.theta, agg.theta)
+    assert not np.allclose(fresh_momentum.theta, agg.theta)  # the momentum buffer is part of the state
+
+
 # --- shares -----------------------------------------------------------------------------------
 def test_sync_shares_cover_the_meta_batch_once_and_async_shares_follow_tasks_per_push():
     sync = ray_cfg(workers=3, meta_batch_size=5)

@@ -25,8 +25,10 @@ def _params(out):
 
 
 def test_allreduce_with_two_workers_equals_the_local_trainer(ray_local, tmp_path):
-    # Carried inner state, so the estimates' sums ride the all-reduce too (the other tests here run fresh).
-    cfg = tiny("synthetic", meta_iters=5, inner_state="carried")
+    # Carried inner state, so the estimates' sums ride the all-reduce too (the other tests here run fresh),
+    # and the Nesterov outer step, whose momentum every rank keeps alike.
+    cfg = tiny("synthetic", meta_iters=5, inner_state="carried", outer_optimizer="nesterov", meta_step_size=0.7,
+               meta_step_size_final=0.0)
     train_local(cfg, str(tmp_path / "local"), **quiet)
     summary = train_ray(cfg.replace(backend="ray", mode="allreduce", workers=2), str(tmp_path / "allreduce"), **quiet)
     local, allreduce = _params(tmp_path / "local"), _params(tmp_path / "allreduce")

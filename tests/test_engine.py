@@ -17,9 +17,11 @@ def _params(out):
 
 
 @pytest.mark.slow  # the Ray runs here take 12-47 s each on 2 idle cores, 28-95 s on busy ones
-@pytest.mark.parametrize("workers, inner_state", [(1, "fresh"), (2, "fresh"), (2, "carried")])
-def test_sync_equals_the_local_trainer(ray_local, tmp_path, workers, inner_state):
-    cfg = tiny("synthetic", meta_iters=5, inner_state=inner_state)
+@pytest.mark.parametrize("workers, inner_state, outer", [(1, "fresh", "sgd"), (2, "fresh", "nesterov"),
+                                                         (2, "carried", "sgd")])
+def test_sync_equals_the_local_trainer(ray_local, tmp_path, workers, inner_state, outer):
+    cfg = tiny("synthetic", meta_iters=5, inner_state=inner_state, outer_optimizer=outer, meta_step_size=0.7,
+               meta_step_size_final=0.0)
     local_summary = train_local(cfg, str(tmp_path / "local"), **quiet)
     ray_summary = train_ray(cfg.replace(backend="ray", mode="sync", workers=workers), str(tmp_path / "ray"), **quiet)
     local, ray_ = _params(tmp_path / "local"), _params(tmp_path / "ray")

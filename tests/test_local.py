@@ -49,9 +49,9 @@ def test_a_folder_holding_a_different_run_is_refused(tmp_path):
 
 
 @pytest.mark.slow  # three short trainings each; tests/test_rundir.py resumes in the fast tier
-@pytest.mark.parametrize("inner_state", ["fresh", "carried"])
-def test_resume_continues_to_the_same_result(tmp_path, inner_state):
-    full = tiny("synthetic", meta_iters=6, checkpoint_every=3, inner_state=inner_state)
+@pytest.mark.parametrize("inner_state, outer", [("fresh", "nesterov"), ("carried", "sgd")])
+def test_resume_continues_to_the_same_result(tmp_path, inner_state, outer):
+    full = tiny("synthetic", meta_iters=6, checkpoint_every=3, inner_state=inner_state, outer_optimizer=outer)
     train_local(full, str(tmp_path / "a"), **quiet)
     train_local(full, str(tmp_path / "b"), **quiet)
     # cut run b back to its step-3 checkpoint, then resume it

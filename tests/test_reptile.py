@@ -94,6 +94,21 @@ def test_outer_adam_moves_along_the_mean_delta():
     assert torch.equal(a, b)
 
 
+def test_outer_nesterov_is_diloco_s_step_on_the_pseudo_gradient():
+    outer = OuterOptimizer(torch.zeros(2), "nesterov", momentum=0.9)
+    d1, d2 = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.5])
+    outer.apply(d1, 0.7)  # g = -d; buf = g; theta -= lr (g + mu buf)
+    assert torch.allclose(outer.theta, 0.7 * (d1 + 0.9 * d1))
+    expected = outer.theta.clone()
+    buf = 0.9 * -d1 + -d2
+    expected -= 0.7 * (-d2 + 0.9 * buf)
+    state = outer.state_dict()
+    other = OuterOptimizer(torch.zeros(2), "nesterov", momentum=0.9)
+    other.load_state_dict(state)
+    assert torch.allclose(outer.apply(d2, 0.7), expected)
+    assert torch.equal(other.apply(d2, 0.7), outer.theta)  # the momentum travels in the state
+
+
 def test_task_seeding_is_independent_of_order():
     from reptile_dist.tasks.sine import SineFamily
     from reptile_dist.tasks.base import TRAIN_STREAM, task_rng

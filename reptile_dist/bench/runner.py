@@ -38,7 +38,7 @@ def measure_local(cfg: Config, family: TaskFamily, seconds: float, warmup: float
     threads = set_torch_threads(cfg, cfg.cpus_per_worker)
     try:
         learner = make_learner(cfg, family)
-        outer = OuterOptimizer(learner.initial_theta(), cfg.outer_optimizer, cfg.carries_inner_moment)
+        outer = OuterOptimizer.for_config(cfg, learner.initial_theta())
         tasks = range(cfg.meta_batch_size)
         step, warm_until = 0, time.perf_counter() + warmup
         while step == 0 or time.perf_counter() < warm_until:  # the first step pays torch's lazy imports

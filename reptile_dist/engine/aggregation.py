@@ -58,8 +58,7 @@ class Aggregator:
     def __init__(self, cfg: Config, theta: np.ndarray, outer_state: dict | None = None, version: int = 0,
                  applied_tasks: int = 0):
         self.cfg = cfg
-        self.outer = OuterOptimizer(torch.from_numpy(np.array(theta, dtype=np.float32)), cfg.outer_optimizer,
-                                    cfg.carries_inner_moment)
+        self.outer = OuterOptimizer.for_config(cfg, torch.from_numpy(np.array(theta, dtype=np.float32)))
         if outer_state is not None:
             self.outer.load_state_dict(outer_state)
         self.version = version

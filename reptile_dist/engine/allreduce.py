@@ -135,7 +135,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     plugins: Plugins = config["plugins"]
     family = build_family(cfg, plugins)
     learner = make_learner(cfg, family, device, plugins)
-    outer = OuterOptimizer(learner.initial_theta().cpu(), cfg.outer_optimizer, cfg.carries_inner_moment)
+    outer = OuterOptimizer.for_config(cfg, learner.initial_theta().cpu())
     codec = DeltaCodec(outer.theta.numel(), cfg.carries_inner_moment, cfg.delta_dtype)
 
     state: dict[str, Any] = {"outer": config["outer"], "step": config["start_step"]}
