@@ -250,6 +250,7 @@ def test_name_of_records_an_import_path_when_it_leads_back(user_module):
     assert name_of(lambda cfg: None).startswith("object:") and "<lambda>" in name_of(lambda cfg: None)
 
 
+@pytest.mark.slow  # example (a) starts a local Ray cluster
 def test_examples_run_shortened(tmp_path):
     """examples/: the Python API on Ray with 2 workers, and the YAML plug-in through the CLI."""
     env_python = sys.executable
