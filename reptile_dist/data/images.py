@@ -48,7 +48,8 @@ from tqdm import tqdm
 
 # Decode workers re-import this module: nothing here may import torch (a test holds to it).
 from reptile_dist.data.classes import ImageClass, ImageClasses
-from reptile_dist.data.omniglot import DataError, _grayscale, _image_view, _one_line, _worker_count, _write_table
+from reptile_dist.data.omniglot import (DataError, _grayscale, _image_view, _one_line, _worker_count, _write_table,
+                                        open_table)
 
 FORMAT = "images-v1"
 SPLITS = ("train", "val", "test")
@@ -663,19 +664,7 @@ def prepare_images(source: str | Path, out: str | Path, size: int = DEFAULT_SIZE
 
 def _open_table(path: Path) -> tuple[pa.Table, dict]:
     """The table, memory-mapped, and its schema metadata, after checking it is an image table."""
-    if not path.is_file():
-        raise DataError(f"image table not found: {path} (build it with `reptile-dist data images --source DIR --out {path}`)")
-    try:
-        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-        metadata = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (reader.schema.metadata or {}).items()}
-        found = metadata.get("reptile_dist.format", "")
-        if found != FORMAT:
-            raise DataError(f"{path} is not an image table (format '{found}', expected '{FORMAT}'); {REBUILD}")
-        table = reader.read_all()
-        table.validate()
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path} is not a valid image table ({_one_line(exc)}); {REBUILD}") from None
-    return table, metadata
+    return open_table(path, FORMAT, "image table", f"reptile-dist data images --source DIR --out {path}", REBUILD)
 
 
 def load_image_table(path: str | Path) -> ImageClasses:

@@ -305,22 +305,31 @@ def prepare_omniglot(sources: list[str | Path] | None, out: str | Path = DEFAULT
     }
 
 
-def _open_table(path: Path) -> tuple[pa.Table, int]:
-    """The table, memory-mapped, and its image size, after checking it is an Omniglot table."""
+def open_table(path: Path, table_format: str, what: str, build: str, rebuild: str) -> tuple[pa.Table, dict[str, str]]:
+    """A prepared table, memory-mapped, and its schema metadata, after checking that it is one of
+    `table_format` (DataError in one line naming `what` it should be, and how to `build` or
+    `rebuild` it)."""
     if not path.is_file():
-        raise DataError(f"Omniglot table not found: {path} (build it with `reptile-dist data omniglot {SOURCE_HINT}`)")
-    rebuild = "rebuild it with `reptile-dist data omniglot`"
+        raise DataError(f"{what} not found: {path} (build it with `{build}`)")
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-        metadata = reader.schema.metadata or {}
-        found = metadata.get(b"reptile_dist.format", b"").decode(errors="replace")
-        if found != FORMAT:
-            raise DataError(f"{path} is not an Omniglot table (format '{found}', expected '{FORMAT}'); {rebuild}")
+        metadata = {k.decode(errors="replace"): v.decode(errors="replace")
+                    for k, v in (reader.schema.metadata or {}).items()}
+        found = metadata.get("reptile_dist.format", "")
+        if found != table_format:
+            raise DataError(f"{path} is not an {what} (format '{found}', expected '{table_format}'); {rebuild}")
         table = reader.read_all()
         table.validate()
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path} is not a valid Omniglot table ({_one_line(exc)}); {rebuild}") from None
-    raw_size = metadata.get(b"image_size", b"")
+        raise DataError(f"{path} is not a valid {what} ({_one_line(exc)}); {rebuild}") from None
+    return table, metadata
+
+
+def _open_table(path: Path) -> tuple[pa.Table, int]:
+    """The table, memory-mapped, and its image size, after checking it is an Omniglot table."""
+    rebuild = "rebuild it with `reptile-dist data omniglot`"
+    table, metadata = open_table(path, FORMAT, "Omniglot table", f"reptile-dist data omniglot {SOURCE_HINT}", rebuild)
+    raw_size = metadata.get("image_size", "")
     size = int(raw_size) if raw_size.isdigit() else 0
     expected = pa.schema([("image", pa.binary(size * size))] + [(c, pa.string()) for c in ("set", "alphabet", "character", "file")])
     if size <= 0 or not table.schema.equals(expected) or table.num_rows == 0:

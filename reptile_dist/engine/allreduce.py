@@ -34,16 +34,15 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from reptile_dist.config import Config, ConfigError
 from reptile_dist.engine.adapt_worker import worker_share
-from reptile_dist.engine.cluster import ray_cluster, worker_resources
+from reptile_dist.engine.cluster import run_on_cluster, worker_resources
 from reptile_dist.engine.wire import DeltaCodec
 from reptile_dist.evaluation import TaskScores, combine_scores, headline, score_tasks, summarize
 from reptile_dist.reptile import DeltaSum, InnerMoment, OuterOptimizer
 from reptile_dist.rundir import RunDir, load_torch_bytes
 from reptile_dist.plugins import Plugins, build_family
 from reptile_dist.errors import RunFailed
-from reptile_dist.training import (LoopHooks, RunSetup, Throughput, checkpoint_state, finish_run, finished_run,
-                                   make_learner, meta_train, periodic_split, prepare_run, set_torch_threads,
-                                   setup_run)
+from reptile_dist.training import (LoopHooks, RunSetup, Throughput, checkpoint_state, finish_run, make_learner,
+                                   meta_train, periodic_split, set_torch_threads)
 
 STATE_FILE = "state.pt"
 TRAIN_STORAGE = "ray-train"  # Ray Train's own checkpoints; inside the run directory while it runs, removed after
@@ -56,16 +55,7 @@ def train_allreduce(cfg: Config, out: str, address: str | None = None, resume: b
     if on_log is not None:
         raise ConfigError("mode allreduce logs from its rank-0 worker and cannot call on_log; use mode sync or async")
     started = time.perf_counter()
-    finished = finished_run(out, resume, say)
-    if finished is not None:
-        return finished
-    prepared = prepare_run(cfg, plugins)  # the family and network checked before Ray starts
-    with ray_cluster(cfg, address or cfg.address or None):
-        s = setup_run(cfg, out, resume, say, prepared)  # the run directory claimed once Ray is there
-        try:
-            return _fit(cfg, s, started, progress, say)
-        finally:
-            s.run.release()
+    return run_on_cluster(cfg, out, address, resume, say, plugins, lambda s: _fit(cfg, s, started, progress, say))
 
 
 def _fit(cfg: Config, s: RunSetup, started: float, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import ray
 
 from reptile_dist.config import Config
 from reptile_dist.errors import UserError
+from reptile_dist.plugins import Plugins
+from reptile_dist.training import RunSetup, finished_run, prepare_run, setup_run
 
 HEAD_RESOURCE = "reptile_head"  # advertised by the head node in cluster/ configs
 HEAD_SHARE = 0.01  # a token amount of HEAD_RESOURCE: it only pins a bundle to the head node
@@ -74,6 +76,24 @@ def ray_cluster(cfg: Config, address: str | None):
     127.0.0.1); without it, it logs a warning every second of an allreduce run."""
     cpus = local_cluster_cpus(lambda cluster_has_gpus: bundle_cpus(placement_bundles(cfg, cluster_has_gpus)))
     return ray_session(address, cpus, include_dashboard=cfg.mode == "allreduce")
+
+
+def run_on_cluster(cfg: Config, out: str, address: str | None, resume: bool, say: Callable[[str], None],
+                   plugins: Plugins | None, fit: Callable[[RunSetup], dict]) -> dict:
+    """What every engine does around its training: the summary of a finished run asked to resume;
+    else the family and network built and checked before Ray starts, the run directory claimed
+    once the cluster is there (an unreachable one leaves no folder), `fit(run_setup)`, the folder
+    released."""
+    finished = finished_run(out, resume, say)
+    if finished is not None:
+        return finished
+    prepared = prepare_run(cfg, plugins)
+    with ray_cluster(cfg, address or cfg.address or None):
+        s = setup_run(cfg, out, resume, say, prepared)
+        try:
+            return fit(s)
+        finally:
+            s.run.release()
 
 
 def placement_bundles(cfg: Config, cluster_has_gpus: bool, head_node: bool = False) -> list[dict[str, float]]:

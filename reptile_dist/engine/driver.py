@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from reptile_dist.config import Config
 from reptile_dist.engine.actors import EngineActors
-from reptile_dist.engine.cluster import ray_cluster
+from reptile_dist.engine.cluster import run_on_cluster
 from reptile_dist.evaluation import combine_scores, headline, summarize
 from reptile_dist.plugins import Plugins
 from reptile_dist.reptile import InnerMoment
 from reptile_dist.training import (Cadence, RunFailed, RunSetup, Throughput, checkpoint_state, finish_run,
-                                   finished_run, periodic_split, prepare_run, setup_run)
+                                   periodic_split)
 
 TICK_S = 0.2
 # Waits that would otherwise hang the driver when an actor cannot be placed or stops answering.
@@ -87,16 +87,8 @@ def train_ray(cfg: Config, out: str, address: str | None = None, resume: bool = 
         from reptile_dist.engine.allreduce import train_allreduce
 
         return train_allreduce(cfg, out, address, resume, progress, say, on_log, plugins)
-    finished = finished_run(out, resume, say)
-    if finished is not None:
-        return finished
-    prepared = prepare_run(cfg, plugins)  # the family and network checked before Ray starts
-    with ray_cluster(cfg, address or cfg.address or None):
-        s = setup_run(cfg, out, resume, say, prepared)  # the run directory claimed once Ray is there
-        try:
-            return EngineRun(cfg, out, resume, progress, say, on_log).run(s)
-        finally:
-            s.run.release()
+    return run_on_cluster(cfg, out, address, resume, say, plugins,
+                          lambda s: EngineRun(cfg, out, resume, progress, say, on_log).run(s))
 
 
 class EngineRun:
