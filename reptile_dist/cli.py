@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--out", required=True, help="folder for bench.parquet, bench.md and the plots")
     bench.add_argument("--workers", default="1,2", help="worker counts, e.g. 1,2,4 (W=1 always runs: the baseline)")
-    bench.add_argument("--modes", default="sync,async", help="any of sync, async (parameter server) and allreduce (Ray Train)")
+    bench.add_argument("--modes", default="sync,async", help="any of sync, async, async-prefetch (parameter server) and allreduce (Ray Train)")
     bench.add_argument("--seconds", type=float, default=20.0, help="measured seconds per combination")
     bench.add_argument("--warmup", type=float, default=5.0, help="seconds run before measuring")
     bench.add_argument("--straggler", type=float, default=1.0, metavar="FACTOR",

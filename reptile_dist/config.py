@@ -138,6 +138,9 @@ class Config:
                                  "its CPU share rounded up)", lo=0)
     tasks_per_push: int = knob(0, "async: tasks a worker adapts and sums into one push (fewer, larger pushes "
                                   "relieve the parameter server); 0: ceil(meta_batch_size / workers)", lo=0)
+    prefetch: bool = knob(False, "async: adapt the next tasks while the push is on its way, from the theta at hand "
+                                 "with the worker's own push applied as the PS will apply it (needs outer_optimizer "
+                                 "sgd); hides Ray's round trip, and with one worker follows the same path")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -148,6 +151,9 @@ class Config:
             raise ConfigError(
                 f"meta_step_size_final={self.meta_step_size_final} must not exceed meta_step_size={self.meta_step_size}"
             )
+        if self.prefetch and self.outer_optimizer != "sgd":
+            raise ConfigError(f"prefetch needs outer_optimizer=sgd (a worker applies its own push ahead of the PS "
+                              f"only for plain interpolation), got {self.outer_optimizer}")
         if self.inner_state == "carried" and self.inner_optimizer != "adam":
             raise ConfigError("inner_state=carried needs inner_optimizer=adam (it carries Adam's second moment)")
         _check_plugin("family", self.family, BUILTIN_FAMILIES)

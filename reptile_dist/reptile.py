@@ -212,8 +212,28 @@ class DeltaSum:
         return InnerMoment(self.moment_sum.to(torch.float32).div_(self.tasks), self.moment_steps)
 
 
+@dataclass
+class DrawnTask:
+    """Task (step, index), drawn, with its generator positioned where the inner mini-batches come next."""
+
+    index: int
+    rng: np.random.Generator
+    task: Task
+
+
+def draw_tasks(family: TaskFamily, cfg: Config, step: int, task_indices: Iterable[int]) -> list[DrawnTask]:
+    """The meta-training tasks (step, i) for i in task_indices. An adapt worker draws a step's
+    tasks while its push is on its way; `adapt_tasks` draws them itself when not given them."""
+    drawn = []
+    for i in task_indices:
+        rng = task_rng(cfg.seed, TRAIN_STREAM, step, i)
+        drawn.append(DrawnTask(i, rng, family.train_task(rng)))
+    return drawn
+
+
 def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, step: int,
-                task_indices: Iterable[int], moment: InnerMoment | None = None) -> DeltaSum:
+                task_indices: Iterable[int], moment: InnerMoment | None = None,
+                drawn: list[DrawnTask] | None = None) -> DeltaSum:
     """Adapt theta to tasks (step, i) for i in task_indices and sum their deltas.
 
     Task (step, i) is drawn from a generator seeded by (cfg.seed, step, i), so the sum over a
@@ -224,15 +244,17 @@ def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: 
     lr-sized step.
 
     `moment`: the carried inner second-moment estimate every task starts from (`inner_state:
-    carried`); the tasks' final estimates are summed the same way."""
+    carried`); the tasks' final estimates are summed the same way. `drawn`: these tasks as
+    `draw_tasks(family, cfg, step, task_indices)` drew them already."""
+    if drawn is None:
+        drawn = draw_tasks(family, cfg, step, task_indices)
     if cfg.batched_adaptation:
-        return adapt_tasks_batched(learner, family, theta, cfg, step, task_indices, moment)
+        return adapt_tasks_batched(learner, cfg, theta, drawn, moment)
     total = torch.zeros_like(theta, dtype=torch.float64, device=learner.device)
     moment_sum = torch.zeros_like(theta, dtype=torch.float64) if moment is not None else None
     tasks, loss_sum, acc_sum = 0, 0.0, 0.0
-    for i in task_indices:
-        rng = task_rng(cfg.seed, TRAIN_STREAM, step, i)
-        task: Task = family.train_task(rng)
+    for d in drawn:
+        rng, task = d.rng, d.task
         result = learner.adapt(theta, task.support_x, task.support_y, cfg.inner_steps, cfg.inner_batch_size,
                                cfg.inner_replacement, rng, moment=moment)
         total += result.delta
@@ -245,8 +267,8 @@ def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: 
     return DeltaSum(total.cpu(), tasks, loss_sum, acc_sum, moment_sum if tasks else None, moment_steps)
 
 
-def adapt_tasks_batched(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: Config, step: int,
-                        task_indices: Iterable[int], moment: InnerMoment | None = None) -> DeltaSum:
+def adapt_tasks_batched(learner: Learner, cfg: Config, theta: torch.Tensor, drawn: list[DrawnTask],
+                        moment: InnerMoment | None = None) -> DeltaSum:
     """`adapt_tasks` with the tasks' inner loops run side by side: one inner step of every task
     at once, torch.func.vmap over tasks of grad(functional_call). The same tasks, mini-batches
     and optimizer maths (Adam with beta1=0 written out as torch.optim.Adam computes it), so the
@@ -260,9 +282,8 @@ def adapt_tasks_batched(learner: Learner, family: TaskFamily, theta: torch.Tenso
     device = learner.device
     theta = theta.to(device)
     xs, ys, batches = [], [], []
-    for i in task_indices:
-        rng = task_rng(cfg.seed, TRAIN_STREAM, step, i)
-        task: Task = family.train_task(rng)
+    for d in drawn:
+        rng, task = d.rng, d.task
         xs.append(task.support_x)
         ys.append(task.support_y)
         # Drawn after the task from the same generator, as the per-task loop draws them.

@@ -143,6 +143,14 @@ def test_sync_shares_cover_the_meta_batch_once_and_async_shares_follow_tasks_per
     assert worker_share(ray_cfg(mode="async", workers=2, meta_batch_size=5, tasks_per_push=4), 1) == [4, 5, 6, 7]
 
 
+def test_async_shares_of_a_version_adapted_again_are_new_tasks():
+    """With prefetch a worker adapts twice from one version; a dropped push also brings its
+    version back. Each repeat draws tasks no worker drew from that version yet."""
+    cfg = ray_cfg(mode="async", workers=3, meta_batch_size=5)
+    seen = [i for repeat in range(3) for w in range(3) for i in worker_share(cfg, w, repeat)]
+    assert len(seen) == len(set(seen)) == 3 * 3 * 2
+
+
 # --- the wire ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype, tolerance", [("float64", 0.0), ("float32", 1e-7), ("bfloat16", 1e-2),
                                               ("float16", 1e-3)])

@@ -13,27 +13,35 @@ from reptile_dist.config import ConfigError, Config
 
 @pytest.mark.slow  # 4 engine runs, local baselines and a capacity sweep: about 40 s
 def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_local, tmp_path):
-    plan = BenchPlan(config="sine", overrides=dict(torch_threads=1), workers=(2,), modes=("sync", "async"),
-                     seconds=1.5, warmup=0.5, capacity_params=(10_000,), capacity_dtypes=("float32",),
+    plan = BenchPlan(config="sine", overrides=dict(torch_threads=1), workers=(2,),
+                     modes=("sync", "async", "async-prefetch"), seconds=1.5, warmup=0.5, capacity_params=(10_000,), capacity_dtypes=("float32",),
                      capacity_pushers=(1,), capacity_seconds=1.0, model_presets=("sine",), baselines=False)
     written = run_bench(plan, tmp_path, say=lambda m: None)
 
     rows = pq.read_table(tmp_path / "bench.parquet").to_pylist()
-    assert sorted((r["mode"], r["workers"]) for r in rows) == [("async", 1), ("async", 2), ("sync", 1), ("sync", 2)]
+    assert sorted((r["mode"], r["workers"]) for r in rows) == [("async", 1), ("async", 2), ("async-prefetch", 1),
+                                                               ("async-prefetch", 2), ("sync", 1), ("sync", 2)]
     for row in rows:
         empty = [k for k, v in row.items() if v is None or (isinstance(v, float) and math.isnan(v))]
         assert not empty, (row["mode"], row["workers"], empty)
         assert row["tasks_per_s"] > 0 and row["meta_steps_per_s"] > 0 and row["pushes_per_s"] > 0
         assert 0 < row["efficiency_vs_w1"] <= 1.5 and 0 < row["efficiency_vs_local"] <= 1.5
+        assert row["efficiency_vs_local"] == row["tasks_per_s"] / (row["workers"] * row["paired_local_tasks_per_s"])
         assert 0 < row["ps_busy_fraction"] < 1
         assert 0 < row["push_latency_median_ms"] <= row["push_latency_p95_ms"]
         assert row["mb_per_s"] > 0 and row["nodes"] == 1
         # Async drops a delta staler than the bound (4): two workers of millisecond sine tasks on two
-        # busy cores can meet that now and then, never often; sync never drops one.
-        assert row["dropped_deltas"] <= (0 if row["mode"] == "sync" else 0.05 * row["pushes_per_s"] * row["window_s"])
-        if row["mode"] == "sync":
+        # busy cores can meet that now and then, never often; sync never drops one. Two prefetching
+        # workers do not wait for the other's pushes at all: with millisecond tasks their deltas reach
+        # the bound (the staleness a prefetching worker adds is one round trip of the others' pushes).
+        if row["mode"] != "async-prefetch":
+            assert row["dropped_deltas"] <= (0 if row["mode"] == "sync" else 0.05 * row["pushes_per_s"] * row["window_s"])
+        assert max(int(s) for s in json.loads(row["staleness_histogram"])) <= 4
+        if row["mode"] == "sync" or (row["mode"] == "async-prefetch" and row["workers"] == 1):
+            # one prefetching worker sends each delta computed where its previous one lands
             assert row["staleness_mean"] == row["staleness_max"] == 0
             assert set(json.loads(row["staleness_histogram"])) == {"0"}
+    assert all(r["paired_local_tasks_per_s"] > 0 for r in rows)
     assert rows[0]["local_tasks_per_s"] > 0 and rows[0]["local_batched_tasks_per_s"] > 0
 
     capacity = pq.read_table(tmp_path / "capacity.parquet").to_pylist()

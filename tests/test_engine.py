@@ -57,6 +57,23 @@ def test_async_trains_sine_into_the_local_trainers_loss_band(ray_local, tmp_path
 
 
 @pytest.mark.slow
+def test_async_prefetch_with_one_worker_follows_the_same_path_as_without(ray_local, tmp_path):
+    """With prefetch the worker adapts its next tasks before its push comes back, from the theta
+    it has with its own push applied: with one worker that is the theta the PS answers with, so
+    the run equals the one that waits (same tasks, same updates, staleness 0)."""
+    cfg = tiny("synthetic", meta_iters=6, inner_state="carried", meta_step_size=0.7).replace(
+        backend="ray", mode="async", workers=1)
+    waiting = train_ray(cfg, str(tmp_path / "waiting"), **quiet)
+    ahead = train_ray(cfg.replace(prefetch=True), str(tmp_path / "ahead"), **quiet)
+    assert ahead["staleness_histogram"] == waiting["staleness_histogram"] == {0: cfg.meta_iters}
+    a, b = _params(tmp_path / "waiting"), _params(tmp_path / "ahead")
+    assert not torch.equal(a, _initial(cfg))
+    assert torch.allclose(a, b, atol=1e-6)
+    moments = [load_checkpoint(str(tmp_path / run / "final.pt"))["inner_moment"]["sq"] for run in ("waiting", "ahead")]
+    assert torch.allclose(*moments, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.slow
 def test_a_nan_delta_is_rejected_and_the_run_finishes_finite(ray_local, tmp_path):
     import ray
 

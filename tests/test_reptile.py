@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from reptile_dist.config import Config
-from reptile_dist.reptile import InnerMoment, Learner, OuterOptimizer, adapt_tasks, mini_batches
+from reptile_dist.reptile import InnerMoment, Learner, OuterOptimizer, adapt_tasks, draw_tasks, mini_batches
 from reptile_dist.tasks.base import TRAIN_STREAM, Task, task_rng
 
 
@@ -177,6 +177,28 @@ def test_carried_moment_is_the_tasks_mean_whichever_split_of_the_tasks_adapts_it
     zero = adapt_tasks(learner, family, theta, cfg, 2, range(5), InnerMoment.zeros_like(theta))
     assert torch.equal(fresh.delta, zero.delta)
     assert not torch.allclose(whole.delta, fresh.delta, atol=1e-5)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_tasks_drawn_ahead_adapt_exactly_as_tasks_drawn_in_place(batched):
+    """An adapt worker draws the next step's tasks while its push travels: the generator it keeps
+    must go on to the same inner mini-batches."""
+    from conftest import tiny
+    from reptile_dist.plugins import build_family
+    from reptile_dist.training import make_learner
+
+    cfg = tiny("synthetic", inner_state="carried", batched_adaptation=batched)
+    family = build_family(cfg)
+    learner = make_learner(cfg, family)
+    theta = learner.initial_theta()
+    start = InnerMoment.zeros_like(theta)
+    in_place = adapt_tasks(learner, family, theta, cfg, 4, [1, 3], start)
+    ahead = draw_tasks(family, cfg, 4, [1, 3])
+    assert [d.index for d in ahead] == [1, 3]
+    drawn = adapt_tasks(learner, family, theta, cfg, 4, [1, 3], start, drawn=ahead)
+    assert torch.equal(in_place.delta, drawn.delta) and torch.equal(in_place.moment_sum, drawn.moment_sum)
+    other_step = adapt_tasks(learner, family, theta, cfg, 5, [1, 3], start)
+    assert not torch.equal(in_place.delta, other_step.delta)
 
 
 def test_outer_state_round_trips_the_carried_moment():

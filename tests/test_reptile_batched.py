@@ -34,7 +34,7 @@ def test_batched_adaptation_of_no_tasks_is_an_empty_sum():
     cfg = tiny("sine")
     family = build_family(cfg)
     learner = make_learner(cfg, family)
-    result = adapt_tasks_batched(learner, family, learner.initial_theta(), cfg, step=0, task_indices=[])
+    result = adapt_tasks_batched(learner, cfg, learner.initial_theta(), drawn=[])
     assert result.tasks == 0 and not result.delta.any()
 
 

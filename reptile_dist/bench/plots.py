@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-MODES = (("sync", "C0"), ("async", "C1"), ("allreduce", "C2"))
+MODES = (("sync", "C0"), ("async", "C1"), ("async-prefetch", "C3"), ("allreduce", "C2"))
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 
 

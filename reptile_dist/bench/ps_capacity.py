@@ -40,7 +40,7 @@ class Pusher:
             sent_wall, sent = time.time(), time.perf_counter()
             got = ray.get(ps.push_pull.remote(self.index, got[1], 1, self.payload, -1))
             if got is not None:
-                self.pushes.append((sent_wall, time.perf_counter() - sent - got[2], self.payload.nbytes, theta.nbytes))
+                self.pushes.append((sent_wall, time.perf_counter() - sent - got[3], self.payload.nbytes, theta.nbytes))
             count += 1
         return count
 

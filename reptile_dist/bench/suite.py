@@ -1,7 +1,8 @@
 """`reptile-dist bench`: what runs, in which order, and what it writes.
 
     local trainer, per-task loop and batched   -> tasks/s baseline
-    each mode x each W (W=1 always), then each mode at the largest W with one straggler
+    each mode x each W (W=1 always), then each mode at the largest W with one straggler; before
+      each, the local trainer again for half a window (its paired baseline: speeds drift)
       sync, async: the PS and adapt-worker actors (runner.py); allreduce: Ray Train (allreduce.py)
                                                -> bench.parquet, bench.md, scaling.png
     optionally: PS capacity against model size and wire precision, each preset's worker tasks/s
@@ -29,7 +30,7 @@ from reptile_dist.engine.cluster import ray_cluster
 from reptile_dist.plugins import Plugins, build_family
 from reptile_dist.training import make_learner
 
-MODES = ("sync", "async", "allreduce")
+MODES = ("sync", "async", "async-prefetch", "allreduce")  # async-prefetch: async with `prefetch: true`
 OMNIGLOT_PRESETS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s")
 WIRE_DTYPES = ("float64", "float32", "bfloat16", "float16")
 STRAGGLER_WORKER = 0  # the worker --straggler slows down
@@ -96,11 +97,13 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
             if plan.straggler_factor > 1:
                 combos += [(mode, max(workers), plan.straggler_factor) for mode in plan.modes]
             for mode, w, factor in combos:
-                c = cfg.replace(mode=mode, workers=w)
+                c = engine_config(cfg, mode, w)
                 straggler = Straggler(STRAGGLER_WORKER, factor) if factor > 1 else None
+                paired = measure_local(cfg, family, plan.seconds / 2, min(plan.warmup, 1.0))
                 measured = (measure_allreduce(c, plan.seconds, plan.warmup, straggler) if mode == "allreduce"
                             else measure_engine(c, theta, plan.seconds, plan.warmup, straggler))
-                row = {**describe(plan, c, theta.size, local, batched, factor), **measured}
+                row = {**describe(plan, c, theta.size, local, batched, factor), "mode": mode,
+                       "paired_local_tasks_per_s": paired, **measured}
                 engine_rows.append(row)
                 say(progress_line(row))
             add_efficiencies(engine_rows)
@@ -114,6 +117,13 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
                     say(f"{preset}: one worker adapts {rates[preset]:.1f} tasks/s")
     return write_outputs(plan, out, command, engine_rows, capacity_rows, scaling_model(plan, capacity_rows, rates),
                          local_rows)
+
+
+def engine_config(cfg: Config, mode: str, workers: int) -> Config:
+    """The run configuration a bench mode stands for."""
+    if mode == "async-prefetch":
+        return cfg.replace(mode="async", prefetch=True, workers=workers)
+    return cfg.replace(mode=mode, workers=workers)
 
 
 def describe(plan: BenchPlan, cfg: Config, params: int, local: float, batched: float,
@@ -140,11 +150,12 @@ def progress_line(row: dict[str, Any]) -> str:
 
 
 def add_efficiencies(rows: list[dict[str, Any]]) -> None:
-    """tasks/s over W times the baseline: the same mode at W=1, and the local trainer."""
+    """tasks/s over W times the baseline: the same mode at W=1, and the local trainer measured just
+    before the row (its paired window)."""
     single = {r["mode"]: r["tasks_per_s"] for r in rows if r["workers"] == 1 and r["straggler_factor"] == 1}
     for r in rows:
         r["efficiency_vs_w1"] = r["tasks_per_s"] / (r["workers"] * single[r["mode"]]) if single.get(r["mode"]) else math.nan
-        r["efficiency_vs_local"] = r["tasks_per_s"] / (r["workers"] * r["local_tasks_per_s"])
+        r["efficiency_vs_local"] = r["tasks_per_s"] / (r["workers"] * r["paired_local_tasks_per_s"])
 
 
 def scaling_model(plan: BenchPlan, capacity_rows: list[dict[str, Any]], rates: dict[str, float]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import torch
 
 from reptile_dist.config import Config
 from reptile_dist.evaluation import TaskScores, score_tasks, summarize
-from reptile_dist.reptile import InnerMoment, adapt_tasks
+from reptile_dist.reptile import DeltaSum, InnerMoment, OuterOptimizer, adapt_tasks, draw_tasks
 from reptile_dist.plugins import Plugins, build_family
 from reptile_dist.engine.wire import DeltaCodec
 from reptile_dist.training import LoopHooks, make_learner, set_torch_threads
@@ -25,16 +25,19 @@ PUSH_LOG_LENGTH = 100_000  # the newest pushes kept for push_log()
 CRASH_FILE_ENV = "REPTILE_DIST_CRASH_FILE"  # fault injection for tests and drills: AdaptWorker._crash_if_planned
 
 
-def worker_share(cfg: Config, index: int) -> list[int]:
+def worker_share(cfg: Config, index: int, repeat: int = 0) -> list[int]:
     """Task indices worker `index` adapts for each version it pulls.
 
     sync: task i of the meta-step goes to worker i mod W, so the meta-batch is the local
     trainer's whichever workers take it. async: `tasks_per_push` (default ceil(meta_batch_size
     / W)) tasks of its own per push, indexed by worker, so two workers starting from one version
-    draw different tasks."""
+    draw different tasks; `repeat`: how many pushes this worker already made from that version
+    (with `prefetch` it adapts the next tasks before the new version comes back), so those
+    draw different tasks too."""
     if cfg.mode == "async":
         per_push = cfg.tasks_per_push or math.ceil(cfg.meta_batch_size / cfg.workers)
-        return list(range(index * per_push, (index + 1) * per_push))
+        first = (repeat * cfg.workers + index) * per_push
+        return list(range(first, first + per_push))
     return list(range(index, cfg.meta_batch_size, cfg.workers))
 
 
@@ -78,24 +81,35 @@ class AdaptWorker(Workspace):
 
     def run(self, ps) -> dict[str, Any]:
         """Pull theta, adapt this worker's share, push the summed delta and take the next theta in
-        the same call (ParameterServer.push_pull); until the PS says done."""
+        the same call (ParameterServer.push_pull); until the PS says done.
+
+        While a push is on its way the worker does what it can without the answer. sync: it draws
+        the next step's tasks. async with `prefetch`: it applies its own push to the theta it has,
+        as the PS will (the SGD outer step), and adapts its next tasks there; it takes the answer
+        to a push only after sending the next one, and adds its newest push to that answer."""
         cfg = self.cfg
         self._loop += 1
         loop = self._loop
         adapted, busy = 0, 0.0
+        ahead = cfg.mode == "async" and cfg.prefetch
+        in_flight = None  # ahead: (the push whose answer is not taken yet, the theta it is expected to make)
+        drawn = None  # sync: (version, the tasks of the share at it), drawn while the last push travelled
+        last_version, repeat = -1, 0  # the version the worker adapted from last, and how often
 
         def after(version: int) -> int:  # the version the next theta must be past
             return -1 if cfg.mode == "async" else version
 
         got = ray.get(ps.pull.remote(after(-1)))
-        while loop == self._loop:
-            if got is None:
-                break
-            theta_ref, version = got[0], got[1]
-            pulled, carried = ray.get(theta_ref)
+        while loop == self._loop and got is not None:
+            version, progress = got[1], got[2]
+            pulled, carried = ray.get(got[0])
             theta = torch.tensor(pulled)  # object-store arrays are read-only: copy
             moment = InnerMoment.from_state(carried)
-            share = worker_share(cfg, self.index)
+            if in_flight is not None:  # ahead: start where the PS will be once the push on its way lands
+                theta, moment, version = self._look_ahead(theta, moment, version, progress, in_flight[1])
+            repeat = repeat + 1 if version == last_version else 0
+            last_version = version
+            share = worker_share(cfg, self.index, repeat)
             if not share:
                 got = ray.get(ps.pull.remote(after(version)))
                 continue
@@ -104,7 +118,8 @@ class AdaptWorker(Workspace):
                 if loop != self._loop:
                     break
                 t0 = time.perf_counter()
-                result = adapt_tasks(self.learner, self.family, theta, cfg, version, share, moment)
+                tasks = drawn[1] if drawn is not None and drawn[0] == version else None
+                result = adapt_tasks(self.learner, self.family, theta, cfg, version, share, moment, tasks)
                 adapt_s = time.perf_counter() - t0
                 busy += adapt_s
             self.hooks.after_adapt(self.index, adapt_s)
@@ -114,17 +129,42 @@ class AdaptWorker(Workspace):
             # Rejected here already: a non-finite sum is not worth its bytes (the PS counts it).
             payload = self.codec.encode(result) if result.finite else None
             sent_wall, sent = time.time(), time.perf_counter()
-            got = ray.get(ps.push_pull.remote(self.index, version, result.tasks, payload, after(version)))
-            if got is not None:  # latency: the round trip less the wait for the next version
-                self._pushes.append((sent_wall, time.perf_counter() - sent - got[2],
-                                     0 if payload is None else payload.nbytes,
-                                     pulled.nbytes + (0 if carried is None else carried["sq"].nbytes)))
+            answer = ps.push_pull.remote(self.index, version, result.tasks, payload, after(version))
             adapted += result.tasks
             self.metrics.pushed(result.tasks)
+            if ahead:
+                previous, in_flight = in_flight, (answer, result if result.finite else None)
+                if previous is None:  # the first push: nothing earlier to take, go on from the theta at hand
+                    continue
+                answer = previous[0]
+            elif cfg.mode == "sync":
+                t0 = time.perf_counter()
+                drawn = (version + 1, draw_tasks(self.family, cfg, version + 1, share))
+                busy += time.perf_counter() - t0
+            waited = time.perf_counter()
+            got = ray.get(answer)
+            if got is not None:  # latency: the round trip less the PS's wait for the next version; ahead, the time blocked
+                latency = time.perf_counter() - waited if ahead else time.perf_counter() - sent - got[3]
+                self._pushes.append((sent_wall, latency, 0 if payload is None else payload.nbytes,
+                                     pulled.nbytes + (0 if carried is None else carried["sq"].nbytes)))
+        if in_flight is not None:
+            ray.get(in_flight[0])  # the last push's errors surface here, as any other push's
         latencies = [entry[1] for entry in self._pushes]
         return {"worker": self.index, "tasks": adapted, "busy_s": busy,
                 "push_latency_median_s": float(np.median(latencies)) if latencies else math.nan,
                 "push_latency_p95_s": float(np.percentile(latencies, 95)) if latencies else math.nan}
+
+    def _look_ahead(self, theta: torch.Tensor, moment: InnerMoment | None, version: int, progress: float,
+                    pending: DeltaSum | None) -> tuple[torch.Tensor, InnerMoment | None, int]:
+        """theta (at `version`, `progress` meta-steps done) after the PS applies this worker's
+        `pending` push fresh, as Aggregator._push_async does; with one worker exactly the theta the
+        PS answers that push with. None (a rejected push): theta as it is."""
+        if pending is None:
+            return theta, moment, version
+        outer = OuterOptimizer.for_config(self.cfg, theta)
+        outer.inner_moment = moment
+        outer.apply_sum(pending, self.cfg.meta_step_size_at(progress), per=self.cfg.meta_batch_size)
+        return outer.theta, outer.inner_moment, version + 1
 
     def push_log(self) -> list[tuple[float, float, int, int]]:
         """(wall time sent, latency s, bytes pushed, bytes pulled) of the newest pushes (the encoded sum, and

@@ -129,7 +129,9 @@ class Aggregator:
         return row
 
     def _push_async(self, p: Push) -> dict[str, Any] | None:
-        staleness = self.version - p.version
+        # A prefetching worker counts its own push before this one as applied (adapt_worker.py); when
+        # that one was dropped, the version it names is one ahead.
+        staleness = max(0, self.version - p.version)
         if staleness > self.cfg.staleness_bound:
             self.counters.dropped_stale += 1
             return None

@@ -59,18 +59,18 @@ class ParameterServer:
         return self._theta_ref
 
     async def pull(self, after_version: int = -1):
-        """[ref to (theta, carried inner estimate as `InnerMoment.as_numpy` or None), version] once the
-        version is past `after_version`; None when the run is over."""
+        """[ref to (theta, carried inner estimate as `InnerMoment.as_numpy` or None), version, meta-steps
+        done] once the version is past `after_version`; None when the run is over."""
         async with self.changed:
             await self.changed.wait_for(lambda: self.agg.version > after_version or self.agg.done or self.stopped)
         if self.agg.done or self.stopped:
             return None
-        return [self._current_ref(), self.agg.version]
+        return [self._current_ref(), self.agg.version, self.agg.progress]
 
     async def push_pull(self, worker: int, version: int, tasks: int, payload: WireSum | None,
                         after_version: int = -1):
         """A push, then the pull that follows it, in one call (a round trip less per meta-step than
-        a push and a pull): `pull`'s answer with a third item, the seconds this call waited for the
+        a push and a pull): `pull`'s answer with a fourth item, the seconds this call waited for the
         next version (the sync barrier), or None when the run is over."""
         await self.push(worker, version, tasks, payload)
         waited = time.perf_counter()
