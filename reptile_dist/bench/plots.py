@@ -18,7 +18,7 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     third panel with the straggler runs when there are any."""
     plain = [r for r in rows if r["straggler_factor"] == 1]
     slowed = [r for r in rows if r["straggler_factor"] > 1]
-    fig, axes = plt.subplots(1, 3 if slowed else 2, figsize=(14 if slowed else 9.5, 3.9))
+    fig, axes = plt.subplots(1, 3 if slowed else 2, figsize=(15 if slowed else 9.5, 4.2))
     throughput, efficiency = axes[0], axes[1]
     workers = sorted({r["workers"] for r in plain})
     local = rows[0]["local_tasks_per_s"]
@@ -42,15 +42,16 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         ax = axes[2]
         labels, values, colors = [], [], []
         for mode, color in MODES:
+            name = mode.replace("-", "\n")  # async-prefetch on two lines, as narrow as the others
             for r in slowed:
                 if r["mode"] != mode:
                     continue
                 base = next((b for b in plain if b["mode"] == mode and b["workers"] == r["workers"]), None)
                 if base is not None:
-                    labels.append(f"{mode}\nW={r['workers']}")
+                    labels.append(f"{name}\nW={r['workers']}")
                     values.append(base["tasks_per_s"])
                     colors.append(color)
-                labels.append(f"{mode}\nworker {r['straggler_worker']}\n{r['straggler_factor']:g}x slower")
+                labels.append(f"{name}\nworker {r['straggler_worker']}\n{r['straggler_factor']:g}x slower")
                 values.append(r["tasks_per_s"])
                 colors.append(color)
         bars = ax.bar(range(len(values)), values, color=colors)

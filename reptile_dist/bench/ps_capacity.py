@@ -3,7 +3,7 @@ precision on the wire.
 
 Pushers stand in for adapt workers that take no time to adapt: each pushes a ready-made delta
 and takes the next theta, as fast as the PS lets it, in the worker's own pattern (one
-ParameterServer.push_pull call per delta, then theta fetched from the object store). The PS is the engine's, in async mode (every
+ParameterServer.push_pull call per delta, theta in its answer). The PS is the engine's, in async mode (every
 push a new version, so every pull a fresh object-store copy of theta), with no staleness bound,
 so every delta is applied.
 """
@@ -36,7 +36,7 @@ class Pusher:
         count = 0
         got = ray.get(ps.pull.remote(-1))
         while got is not None:
-            theta, _ = ray.get(got[0])  # (theta, carried inner estimate)
+            theta, _ = got[0]  # (theta, carried inner estimate)
             sent_wall, sent = time.time(), time.perf_counter()
             got = ray.get(ps.push_pull.remote(self.index, got[1], 1, self.payload, -1))
             if got is not None:

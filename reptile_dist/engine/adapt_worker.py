@@ -102,7 +102,7 @@ class AdaptWorker(Workspace):
         got = ray.get(ps.pull.remote(after(-1)))
         while loop == self._loop and got is not None:
             version, progress = got[1], got[2]
-            pulled, carried = ray.get(got[0])
+            pulled, carried = got[0]
             theta = torch.tensor(pulled)  # object-store arrays are read-only: copy
             moment = InnerMoment.from_state(carried)
             if in_flight is not None:  # ahead: start where the PS will be once the push on its way lands

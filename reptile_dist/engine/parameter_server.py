@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import numpy as np
-import ray
 
 from reptile_dist.config import Config
 from reptile_dist.engine.aggregation import Aggregator, Push
@@ -38,8 +37,6 @@ class ParameterServer:
         self.busy_s = 0.0
         self.stopped = False
         self._changed: asyncio.Condition | None = None
-        self._theta_ref = None
-        self._ref_version = -1
         self._last_progress = self.agg.progress
         self.metrics = ParameterServerMetrics(self.agg.counters)
 
@@ -49,23 +46,21 @@ class ParameterServer:
             self._changed = asyncio.Condition()
         return self._changed
 
-    def _current_ref(self):
-        # One object-store copy of theta (and the carried inner estimate) per version, shared by
-        # every worker that pulls it.
-        if self._ref_version != self.agg.version:
-            moment = self.agg.outer.inner_moment  # replaced, never changed in place, by each update
-            self._theta_ref = ray.put((self.agg.theta.copy(), None if moment is None else moment.as_numpy()))
-            self._ref_version = self.agg.version
-        return self._theta_ref
-
     async def pull(self, after_version: int = -1):
-        """[ref to (theta, carried inner estimate as `InnerMoment.as_numpy` or None), version, meta-steps
-        done] once the version is past `after_version`; None when the run is over."""
+        """[(theta, carried inner estimate as `InnerMoment.as_numpy` or None), version, meta-steps done]
+        once the version is past `after_version`; None when the run is over.
+
+        theta travels in the answer itself rather than as a reference to an object put once per
+        version, so the caller has it in the same round trip instead of fetching it with a second
+        request. It is copied because the next update changes theta in place while the answer may
+        still be serializing; the estimate is replaced, never changed in place, by each update."""
         async with self.changed:
             await self.changed.wait_for(lambda: self.agg.version > after_version or self.agg.done or self.stopped)
         if self.agg.done or self.stopped:
             return None
-        return [self._current_ref(), self.agg.version, self.agg.progress]
+        moment = self.agg.outer.inner_moment
+        return [(self.agg.theta.copy(), None if moment is None else moment.as_numpy()), self.agg.version,
+                self.agg.progress]
 
     async def push_pull(self, worker: int, version: int, tasks: int, payload: WireSum | None,
                         after_version: int = -1):
