@@ -151,7 +151,7 @@ class Config:
             raise ConfigError(
                 f"meta_step_size_final={self.meta_step_size_final} must not exceed meta_step_size={self.meta_step_size}"
             )
-        if self.prefetch and self.outer_optimizer != "sgd":
+        if self.prefetch and self.mode == "async" and self.outer_optimizer != "sgd":
             raise ConfigError(f"prefetch needs outer_optimizer=sgd (a worker applies its own push ahead of the PS "
                               f"only for plain interpolation), got {self.outer_optimizer}")
         if self.inner_state == "carried" and self.inner_optimizer != "adam":

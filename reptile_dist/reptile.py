@@ -245,9 +245,12 @@ def adapt_tasks(learner: Learner, family: TaskFamily, theta: torch.Tensor, cfg: 
 
     `moment`: the carried inner second-moment estimate every task starts from (`inner_state:
     carried`); the tasks' final estimates are summed the same way. `drawn`: these tasks as
-    `draw_tasks(family, cfg, step, task_indices)` drew them already."""
+    `draw_tasks(family, cfg, step, task_indices)` drew them already (once only: adapting them
+    uses up their generators)."""
     if drawn is None:
         drawn = draw_tasks(family, cfg, step, task_indices)
+    elif [d.index for d in drawn] != list(task_indices):
+        raise ValueError(f"tasks drawn for {[d.index for d in drawn]}, asked to adapt {list(task_indices)}")
     if cfg.batched_adaptation:
         return adapt_tasks_batched(learner, cfg, theta, drawn, moment)
     total = torch.zeros_like(theta, dtype=torch.float64, device=learner.device)

@@ -144,8 +144,8 @@ def test_sync_shares_cover_the_meta_batch_once_and_async_shares_follow_tasks_per
 
 
 def test_async_shares_of_a_version_adapted_again_are_new_tasks():
-    """With prefetch a worker adapts twice from one version; a dropped push also brings its
-    version back. Each repeat draws tasks no worker drew from that version yet."""
+    """A worker can adapt from one version again (its push was dropped or rejected and no other
+    worker pushed meanwhile). Each repeat draws tasks no worker drew from that version yet."""
     cfg = ray_cfg(mode="async", workers=3, meta_batch_size=5)
     seen = [i for repeat in range(3) for w in range(3) for i in worker_share(cfg, w, repeat)]
     assert len(seen) == len(set(seen)) == 3 * 3 * 2

@@ -33,7 +33,7 @@ def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_lo
         # Async drops a delta staler than the bound (4): two workers of millisecond sine tasks on two
         # busy cores can meet that now and then, never often; sync never drops one. Two prefetching
         # workers do not wait for the other's pushes at all: with millisecond tasks their deltas reach
-        # the bound (the staleness a prefetching worker adds is one round trip of the others' pushes).
+        # the bound (a prefetching worker's theta misses the others' pushes of one more adaptation).
         if row["mode"] != "async-prefetch":
             assert row["dropped_deltas"] <= (0 if row["mode"] == "sync" else 0.05 * row["pushes_per_s"] * row["window_s"])
         assert max(int(s) for s in json.loads(row["staleness_histogram"])) <= 4

@@ -67,7 +67,7 @@ def test_a_non_finite_number_is_refused_naming_the_field(override):
     ({"inner_state": "carried", "inner_optimizer": "sgd"}, "inner_state"),
     ({"inner_steps": "2.5"}, "inner_steps must be an integer"),
     ({"inner_replacement": "sometimes"}, "inner_replacement must be true or false"),
-    ({"prefetch": True, "outer_optimizer": "nesterov"}, "prefetch needs outer_optimizer=sgd"),
+    ({"prefetch": True, "mode": "async", "outer_optimizer": "nesterov"}, "prefetch needs outer_optimizer=sgd"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):

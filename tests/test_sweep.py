@@ -38,11 +38,31 @@ def write_sweep(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["sine", "omniglot-5w1s"])
+@pytest.mark.parametrize("name", ["sine", "omniglot-5w1s", "omniglot-20w1s"])
 def test_shipped_sweeps_are_valid(name):
     spec = load_sweep(REPO / "tuning" / f"{name}.yaml")
     assert {"meta_step_size", "inner_steps", "meta_batch_size"} <= {d.field for d in spec.space}
-    assert spec.base.eval_every == spec.report_every == spec.base.checkpoint_every
+    per = spec.base.meta_batch_size if spec.unit == "tasks" else 1
+    assert spec.base.eval_every * per == spec.report_every and spec.base.checkpoint_every == spec.base.eval_every
+
+
+def test_a_task_budget_gives_every_meta_batch_size_the_same_tasks(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, space={"meta_batch_size": {"choice": [2, 5, 10]}},
+                                  scheduler={"name": "asha", "grace_period": 60},
+                                  budget={"unit": "tasks", "meta_iters": 300, "report_every": 60}))
+    assert spec.time_attr == "tasks"
+    for batch, steps, every in [(2, 150, 30), (5, 60, 12), (10, 30, 6)]:
+        cfg = spec.trial_config({"meta_batch_size": batch})
+        assert (cfg.meta_iters, cfg.eval_every, cfg.checkpoint_every) == (steps, every, every)
+        assert cfg.meta_iters * batch == 300 and cfg.keep_checkpoints == 5
+    with pytest.raises(SweepError, match="budget.report_every is fewer tasks than one meta-step of meta_batch_size=10"):
+        load_sweep(write_sweep(tmp_path, space={"meta_batch_size": {"choice": [2, 10]}},
+                               budget={"unit": "tasks", "meta_iters": 80, "report_every": 8}))
+    with pytest.raises(SweepError, match="budget.unit: tasks needs scheduler asha"):
+        load_sweep(write_sweep(tmp_path, scheduler={"name": "pbt", "perturbation_interval": 20},
+                               budget={"unit": "tasks", "meta_iters": 300, "report_every": 20}))
+    with pytest.raises(SweepError, match="budget.unit='steps' is not one of meta_steps, tasks"):
+        load_sweep(write_sweep(tmp_path, budget={"unit": "steps", "meta_iters": 30}))
 
 
 @pytest.mark.parametrize("space, field", [
@@ -83,6 +103,18 @@ def test_search_optuna_refuses_a_grid_and_names_its_field(tmp_path, monkeypatch)
     optuna_installed(monkeypatch, True)
     with pytest.raises(SweepError, match=r"space\.meta_step_size: grid is not supported with search: optuna"):
         load_sweep(write_sweep(tmp_path, search="optuna"))
+
+
+@pytest.mark.slow  # two Tune trials
+def test_a_task_budget_sweep_reports_tasks_and_runs_each_meta_batch_to_the_same_tasks(ray_local, tmp_path):
+    from reptile_dist.sweep.runner import run_sweep
+
+    sweep = write_sweep(tmp_path, space={"meta_batch_size": {"grid": [2, 5]}},
+                        scheduler={"name": "asha", "grace_period": 60},
+                        budget={"unit": "tasks", "meta_iters": 100, "report_every": 50, "max_concurrent_trials": 2})
+    rows = run_sweep(load_sweep(sweep), str(tmp_path / "sweep"), verbose=0)["rows"]
+    assert sorted((r["meta_batch_size"], r["meta_step"], r["tasks"], r["status"]) for r in rows) == [
+        (2, 50, 100, "completed"), (5, 20, 100, "completed")]
 
 
 @pytest.mark.slow  # four Tune trials and a training run

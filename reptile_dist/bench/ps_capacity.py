@@ -4,7 +4,7 @@ precision on the wire.
 Pushers stand in for adapt workers that take no time to adapt: each pushes a ready-made delta
 and takes the next theta, as fast as the PS lets it, in the worker's own pattern (one
 ParameterServer.push_pull call per delta, theta in its answer). The PS is the engine's, in async mode (every
-push a new version, so every pull a fresh object-store copy of theta), with no staleness bound,
+push a new version, so every answer a fresh copy of theta), with no staleness bound,
 so every delta is applied.
 """
 from __future__ import annotations

@@ -72,6 +72,8 @@ class BenchPlan:
 
 def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable[[str], None] = print) -> dict[str, Path]:
     cfg = _with_absolute_data(load_config(plan.config, plan.overrides))
+    for mode in plan.modes:  # a mode the configuration cannot run fails now, not after the rows before it
+        engine_config(cfg, mode, 1)
     workers = sorted(set(plan.workers) | {1})  # W=1 is the baseline of every efficiency
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,7 @@ class AdaptWorker(Workspace):
         loop = self._loop
         adapted, busy = 0, 0.0
         ahead = cfg.mode == "async" and cfg.prefetch
-        in_flight = None  # ahead: (the push whose answer is not taken yet, the theta it is expected to make)
+        in_flight = None  # ahead: (the push whose answer is not taken yet, its sum as the PS decodes it)
         drawn = None  # sync: (version, the tasks of the share at it), drawn while the last push travelled
         last_version, repeat = -1, 0  # the version the worker adapted from last, and how often
 
@@ -119,6 +119,7 @@ class AdaptWorker(Workspace):
                     break
                 t0 = time.perf_counter()
                 tasks = drawn[1] if drawn is not None and drawn[0] == version else None
+                drawn = None
                 result = adapt_tasks(self.learner, self.family, theta, cfg, version, share, moment, tasks)
                 adapt_s = time.perf_counter() - t0
                 busy += adapt_s
@@ -132,19 +133,27 @@ class AdaptWorker(Workspace):
             answer = ps.push_pull.remote(self.index, version, result.tasks, payload, after(version))
             adapted += result.tasks
             self.metrics.pushed(result.tasks)
+            drew = 0.0
             if ahead:
-                previous, in_flight = in_flight, (answer, result if result.finite else None)
+                # What the PS will apply: the sum as it decodes it (the wire precision), if finite.
+                landing = self.codec.decode(payload) if payload is not None else None
+                previous, in_flight = in_flight, (answer, landing if landing is not None and landing.finite else None)
                 if previous is None:  # the first push: nothing earlier to take, go on from the theta at hand
                     continue
                 answer = previous[0]
             elif cfg.mode == "sync":
-                t0 = time.perf_counter()
-                drawn = (version + 1, draw_tasks(self.family, cfg, version + 1, share))
-                busy += time.perf_counter() - t0
+                with self._learner_lock:  # a family need not be safe to draw from in two loops at once
+                    t0 = time.perf_counter()
+                    drawn = (version + 1, draw_tasks(self.family, cfg, version + 1, share))
+                    drew = time.perf_counter() - t0
+                busy += drew
             waited = time.perf_counter()
             got = ray.get(answer)
-            if got is not None:  # latency: the round trip less the PS's wait for the next version; ahead, the time blocked
-                latency = time.perf_counter() - waited if ahead else time.perf_counter() - sent - got[3]
+            if got is not None:
+                # latency: the round trip less the PS's wait for the next version and the worker's own
+                # drawing meanwhile (at least the time blocked); ahead, the time blocked
+                now = time.perf_counter()
+                latency = now - waited if ahead else max(now - waited, now - sent - got[3] - drew)
                 self._pushes.append((sent_wall, latency, 0 if payload is None else payload.nbytes,
                                      pulled.nbytes + (0 if carried is None else carried["sq"].nbytes)))
         if in_flight is not None:
@@ -157,8 +166,9 @@ class AdaptWorker(Workspace):
     def _look_ahead(self, theta: torch.Tensor, moment: InnerMoment | None, version: int, progress: float,
                     pending: DeltaSum | None) -> tuple[torch.Tensor, InnerMoment | None, int]:
         """theta (at `version`, `progress` meta-steps done) after the PS applies this worker's
-        `pending` push fresh, as Aggregator._push_async does; with one worker exactly the theta the
-        PS answers that push with. None (a rejected push): theta as it is."""
+        `pending` push as a fresh push (staleness 0, weight 1), as Aggregator._push_async does; with
+        one worker exactly the theta the PS answers that push with. With several, the PS may weigh
+        or drop it otherwise; its next answer corrects that. None (a rejected push): theta as it is."""
         if pending is None:
             return theta, moment, version
         outer = OuterOptimizer.for_config(self.cfg, theta)

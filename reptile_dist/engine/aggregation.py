@@ -129,8 +129,9 @@ class Aggregator:
         return row
 
     def _push_async(self, p: Push) -> dict[str, Any] | None:
-        # A prefetching worker counts its own push before this one as applied (adapt_worker.py); when
-        # that one was dropped, the version it names is one ahead.
+        # A prefetching worker names the version its own previous push was to make (adapt_worker.py);
+        # should that push not have been applied after all, the version named is one ahead: never
+        # count that as fresher than fresh.
         staleness = max(0, self.version - p.version)
         if staleness > self.cfg.staleness_bound:
             self.counters.dropped_stale += 1

@@ -38,6 +38,7 @@ class ParameterServer:
         self.stopped = False
         self._changed: asyncio.Condition | None = None
         self._last_progress = self.agg.progress
+        self._theta_copy, self._copy_version = None, -1  # theta as of _copy_version, never changed in place
         self.metrics = ParameterServerMetrics(self.agg.counters)
 
     @property
@@ -52,14 +53,16 @@ class ParameterServer:
 
         theta travels in the answer itself rather than as a reference to an object put once per
         version, so the caller has it in the same round trip instead of fetching it with a second
-        request. It is copied because the next update changes theta in place while the answer may
-        still be serializing; the estimate is replaced, never changed in place, by each update."""
+        request. It is a copy, made once per version, because the next update changes theta in
+        place; the estimate is replaced, never changed in place, by each update."""
         async with self.changed:
             await self.changed.wait_for(lambda: self.agg.version > after_version or self.agg.done or self.stopped)
         if self.agg.done or self.stopped:
             return None
+        if self._copy_version != self.agg.version:  # one copy per version, whoever pulls it
+            self._theta_copy, self._copy_version = self.agg.theta.copy(), self.agg.version
         moment = self.agg.outer.inner_moment
-        return [(self.agg.theta.copy(), None if moment is None else moment.as_numpy()), self.agg.version,
+        return [(self._theta_copy, None if moment is None else moment.as_numpy()), self.agg.version,
                 self.agg.progress]
 
     async def push_pull(self, worker: int, version: int, tasks: int, payload: WireSum | None,

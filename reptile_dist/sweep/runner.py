@@ -85,7 +85,7 @@ def tune_config(spec: SweepSpec) -> tune.TuneConfig:
     if spec.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="meta_step", max_t=spec.meta_iters,
+        scheduler = ASHAScheduler(time_attr=spec.time_attr, max_t=spec.meta_iters,
                                   grace_period=spec.scheduler_options["grace_period"],
                                   reduction_factor=spec.scheduler_options["reduction_factor"])
     else:
@@ -122,7 +122,7 @@ def results_table(spec: SweepSpec, grid) -> list[dict[str, Any]]:
             status = "error"
         elif not metrics.get("done"):
             status = "unfinished"  # the sweep was interrupted; --resume continues it
-        elif step is not None and step >= spec.meta_iters:
+        elif step is not None and result.config and step >= spec.trial_config(result.config).meta_iters:
             status = "completed"
         else:
             status = "stopped"  # by the scheduler, before the budget's meta_iters
@@ -131,6 +131,7 @@ def results_table(spec: SweepSpec, grid) -> list[dict[str, Any]]:
             **{d.field: cast(d.field, (result.config or {}).get(d.field)) for d in spec.space},  # None: never started
             spec.metric: float(value) if value is not None else math.nan,
             "meta_step": int(step) if step is not None else 0,
+            "tasks": int(metrics.get("tasks", 0)),
             "train_loss": float(metrics.get("train_loss", math.nan)),
             "status": status,
             "error": _error_line(result.error) if result.error is not None else "",

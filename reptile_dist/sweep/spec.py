@@ -14,6 +14,11 @@ out of the field's range or a metric the periodic evaluation does not produce is
     search: random                                # or optuna (pip install 'reptile-dist[tune]')
     budget: {num_samples: 8, meta_iters: 800, report_every: 100, max_concurrent_trials: 2}
     best: {set: {meta_iters: 3000}}               # written into the best configuration
+
+With `budget: {unit: tasks}` the budget's meta_iters and report_every, and ASHA's grace_period,
+count meta-training tasks instead of meta-steps: a trial runs meta_iters // meta_batch_size
+meta-steps, so trials with different meta-batch sizes get the same number of tasks, and ASHA
+compares them at equal tasks adapted.
 """
 from __future__ import annotations
 
@@ -87,6 +92,12 @@ class SweepSpec:
     max_concurrent_trials: int
     seed: int
     best_overrides: dict[str, Any] = field(default_factory=dict)
+    unit: str = "meta_steps"  # what meta_iters, report_every and the scheduler's intervals count: or "tasks"
+
+    @property
+    def time_attr(self) -> str:
+        """The reported value the scheduler measures a trial's progress by."""
+        return "tasks" if self.unit == "tasks" else "meta_step"
 
     def param_space(self) -> dict[str, Any]:
         return {d.field: d.tune_domain() for d in self.space}
@@ -99,7 +110,8 @@ class SweepSpec:
     def trial_config(self, params: dict[str, Any]) -> Config:
         """The configuration one trial runs: base + its searched values (PBT may perturb an
         integer field into a float, so values are cast to the field's type)."""
-        return self.base.replace(**{k: cast(k, v) for k, v in params.items()})
+        cfg = self.base.replace(**{k: cast(k, v) for k, v in params.items()})
+        return in_meta_steps(cfg, self.meta_iters, self.report_every, self.unit)
 
     def best_config(self, params: dict[str, Any]) -> Config:
         return self.trial_config(params).replace(**self.best_overrides)
@@ -121,6 +133,19 @@ class SweepSpec:
         return max(bundle_cpus(trial_bundles(self.base.replace(workers=w, cpus_per_worker=c, gpus_per_worker=g),
                                              cluster_has_gpus))
                    for w, c, g in corners)
+
+
+def in_meta_steps(cfg: Config, meta_iters: int, report_every: int, unit: str) -> Config:
+    """cfg with the budget's length and report interval, converted to meta-steps when the budget
+    counts tasks. Every report carries a validation evaluation and the checkpoint of the same
+    meta-step; evaluations can fall behind training, so the engine keeps every checkpoint until then."""
+    if unit == "tasks":
+        meta_iters, report_every = meta_iters // cfg.meta_batch_size, report_every // cfg.meta_batch_size
+        if report_every < 1:
+            raise SweepError(f"budget.report_every is fewer tasks than one meta-step of meta_batch_size="
+                             f"{cfg.meta_batch_size}")
+    return cfg.replace(backend="ray", meta_iters=meta_iters, eval_every=report_every, checkpoint_every=report_every,
+                       log_every=min(cfg.log_every, report_every), keep_checkpoints=math.ceil(meta_iters / report_every))
 
 
 def cast(name: str, value: Any) -> Any:
@@ -155,7 +180,10 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
     if unknown:
         raise SweepError(f"unknown key '{unknown[0]}' (known: {', '.join(TOP_KEYS)})")
     budget = _mapping(data, "budget")
-    _only(budget, "budget", ("num_samples", "meta_iters", "report_every", "max_concurrent_trials"))
+    _only(budget, "budget", ("num_samples", "meta_iters", "report_every", "max_concurrent_trials", "unit"))
+    unit = budget.get("unit", "meta_steps")
+    if unit not in ("meta_steps", "tasks"):
+        raise SweepError(f"budget.unit={unit!r} is not one of meta_steps, tasks")
     num_samples = _positive_int(budget, "budget.num_samples", 1)
     meta_iters = _positive_int(budget, "budget.meta_iters", None)
     report_every = _positive_int(budget, "budget.report_every", max(1, meta_iters // 10))
@@ -163,8 +191,12 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
     if meta_iters % report_every:
         raise SweepError(f"budget.report_every={report_every} must divide budget.meta_iters={meta_iters}")
 
-    base = _base_config(_mapping(data, "base"), base_dir, meta_iters, report_every)
+    base = _base_config(_mapping(data, "base"), base_dir, meta_iters, report_every, unit)
     space = _space(_mapping(data, "space"), base)
+    if unit == "tasks":
+        batch = next((d for d in space if d.field == "meta_batch_size"), None)
+        for size in (batch.values if batch is not None else (base.meta_batch_size,)):
+            in_meta_steps(base.replace(meta_batch_size=size), meta_iters, report_every, unit)
 
     metric, mode = _metric(data, base, _family_kind(base))
     search = data.get("search") or "random"
@@ -178,6 +210,8 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
             raise SweepError(f"space.{grids[0]}: grid is not supported with search: optuna (use choice)")
 
     scheduler, options = _scheduler(data.get("scheduler") or {"name": "asha"}, meta_iters, report_every, space)
+    if unit == "tasks" and scheduler != "asha":
+        raise SweepError("budget.unit: tasks needs scheduler asha (PBT pauses trials at meta-step checkpoints)")
 
     best = _mapping(data, "best")
     _only(best, "best", ("set",))
@@ -194,10 +228,10 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
     if not isinstance(name, str) or not name or "/" in name:
         raise SweepError(f"name={name!r} must be a non-empty string without '/'")
     return SweepSpec(name, base, space, metric, mode, scheduler, options, search, num_samples, meta_iters,
-                     report_every, max_concurrent, seed, best_overrides)
+                     report_every, max_concurrent, seed, best_overrides, unit)
 
 
-def _base_config(base: dict[str, Any], base_dir: Path, meta_iters: int, report_every: int) -> Config:
+def _base_config(base: dict[str, Any], base_dir: Path, meta_iters: int, report_every: int, unit: str) -> Config:
     _only(base, "base", ("config", "set"))
     source = base.get("config", "sine")
     if not isinstance(source, str):
@@ -211,12 +245,7 @@ def _base_config(base: dict[str, Any], base_dir: Path, meta_iters: int, report_e
     if owned:
         raise SweepError(f"base.set.{owned[0]}: set by the sweep's budget (meta_iters, report_every)")
     try:
-        cfg = load_config(source, overrides)
-        # Every report carries a validation evaluation and the checkpoint of the same meta-step;
-        # evaluations can fall behind training, so the engine keeps every checkpoint until then.
-        cfg = cfg.replace(backend="ray", meta_iters=meta_iters, eval_every=report_every,
-                          checkpoint_every=report_every, log_every=min(cfg.log_every, report_every),
-                          keep_checkpoints=meta_iters // report_every)
+        cfg = in_meta_steps(load_config(source, overrides), meta_iters, report_every, unit)
     except ConfigError as exc:
         raise SweepError(f"base: {exc}") from None
     if cfg.family in ("omniglot", "images") and "://" not in cfg.data and not Path(cfg.data).is_absolute():

@@ -61,7 +61,7 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
             restored.update(config=cfg.to_dict(), config_identity=config_identity(cfg))
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (run_dir / "checkpoints" / f"ckpt-{step:08d}.pt").write_bytes(save_torch(restored))
-    reporter = Reporter(run_dir, spec.metric)
+    reporter = Reporter(run_dir, spec.metric, cfg.meta_batch_size)
     train_ray(cfg, str(run_dir), resume=checkpoint is not None, progress=False, say=_quiet, on_log=reporter.on_log)
 
 
@@ -69,9 +69,10 @@ class Reporter:
     """Turns the engine's log rows into Tune reports: one per periodic evaluation, with the
     checkpoint of the evaluated meta-step."""
 
-    def __init__(self, run_dir: Path, metric: str):
+    def __init__(self, run_dir: Path, metric: str, meta_batch_size: int):
         self.run = RunDir(str(run_dir))
         self.metric = metric
+        self.meta_batch_size = meta_batch_size
         self.reported_step = -1
         self.train: dict[str, float] = {}
 
@@ -88,7 +89,8 @@ class Reporter:
         with tempfile.TemporaryDirectory() as d:
             shutil.copyfile(self.run.path(saved[step]), Path(d) / CHECKPOINT_FILE)
             Path(d, "step").write_text(str(step))
-            tune.report({"meta_step": step, **evals, **self.train}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({"meta_step": step, "tasks": step * self.meta_batch_size, **evals, **self.train},
+                        checkpoint=tune.Checkpoint.from_directory(d))
         self.reported_step = step
 
 
