@@ -199,3 +199,25 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_chec
     assert load_checkpoint(str(out / "checkpoints" / "ckpt-00000002.pt"))["step"] == 2
     monkeypatch.undo()  # space again: the run resumes from the folder alone
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+
+
+def test_the_kept_in_progress_runs_checkpoint_is_the_manifests_last_stretch_and_its_configs():
+    """pretrained/in-progress/ keeps a long run between sessions: its newest checkpoint must be the
+    one the manifest's last stretch ended at, and belong to the config.yaml kept beside it (resume
+    refuses a checkpoint of another configuration)."""
+    from pathlib import Path
+
+    from reptile_dist.config import load_config
+    from reptile_dist.rundir import config_identity
+
+    kept = Path(__file__).resolve().parents[1] / "pretrained" / "in-progress"
+    for run in json.loads((kept / "manifest.json").read_text()):
+        folder = kept / run["run"]
+        checkpoints = sorted((folder / "checkpoints").glob("ckpt-*.pt"))
+        assert [c.relative_to(kept).as_posix() for c in checkpoints] == [run["checkpoint"]]
+        state = load_checkpoint(str(checkpoints[-1]))
+        last = run["stretches"][-1]
+        assert state["step"] == last["to_step"] and last["from_step"] < last["to_step"]
+        assert [s["to_step"] for s in run["stretches"][:-1]] == [s["from_step"] for s in run["stretches"][1:]]
+        cfg = load_config(str(folder / "config.yaml"))
+        assert state["config_identity"] == config_identity(cfg) and cfg.meta_iters == run["meta_iters"]
