@@ -92,7 +92,7 @@ def tune_config(spec: SweepSpec) -> tune.TuneConfig:
         from ray.tune.schedulers import PopulationBasedTraining
 
         scheduler = PopulationBasedTraining(
-            time_attr="meta_step", perturbation_interval=spec.scheduler_options["perturbation_interval"],
+            time_attr=spec.time_attr, perturbation_interval=spec.scheduler_options["perturbation_interval"],
             hyperparam_mutations=spec.mutations(),
             quantile_fraction=spec.scheduler_options["quantile_fraction"],
             resample_probability=spec.scheduler_options["resample_probability"])
