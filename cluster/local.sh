@@ -29,6 +29,9 @@ OBJECT_STORE_BYTES=$(( ${REPTILE_OBJECT_STORE_MB:-512} * 1024 * 1024 ))
 DASHBOARD_PORT="${REPTILE_DASHBOARD_PORT:-8265}"
 CLIENT_PORT="${REPTILE_RAY_CLIENT_PORT:-10001}"
 AGENT_PORT="${REPTILE_AGENT_PORT:-52365}"
+# The engine's Ray settings (reptile_dist/engine/cluster.py SYSTEM_CONFIG); the head passes them
+# to every node.
+SYSTEM_CONFIG='{"max_direct_call_object_size": 4194304}'
 LOG="$STATE_DIR/local-sh.log"
 
 # Ray 2.60 rejects a node or client without the cluster's token (InvalidAuthToken after 20 s),
@@ -169,7 +172,7 @@ cmd_up() {
       --object-store-memory="$OBJECT_STORE_BYTES" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
       --dashboard-agent-listen-port="$AGENT_PORT" --ray-client-server-port="$CLIENT_PORT" \
-      --disable-usage-stats >>"$LOG" 2>&1; then
+      --system-config="$SYSTEM_CONFIG" --disable-usage-stats >>"$LOG" 2>&1; then
     tail -n 20 "$LOG" >&2
     die "head failed to start (log: $LOG)"
   fi

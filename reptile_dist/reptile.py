@@ -76,13 +76,13 @@ class InnerMoment:
         return {"sq": self.sq.detach().cpu().clone(), "steps": float(self.steps)}
 
     def as_numpy(self) -> dict:
-        """`state_dict` with a numpy `sq`, for Ray's object store (numpy moves zero-copy) and Ray
+        """`state_dict` with a numpy `sq`, for Ray's calls (numpy moves without pickling) and Ray
         Train's return values (which refuse tensors)."""
         return {"sq": self.sq.detach().cpu().numpy(), "steps": float(self.steps)}
 
     @classmethod
     def from_state(cls, state: dict | None) -> "InnerMoment | None":
-        """From `state_dict` or `as_numpy` (copied: object-store arrays are read-only)."""
+        """From `state_dict` or `as_numpy` (copied: arrays Ray hands over are read-only)."""
         if state is None:
             return None
         sq = state["sq"]

@@ -24,9 +24,9 @@ def ray_local():
     """One real local Ray cluster for the whole session (start-up costs ~2 s)."""
     import ray
 
-    from reptile_dist.engine.cluster import NAMESPACE
+    from reptile_dist.engine.cluster import start_local_ray
 
-    ray.init(num_cpus=4, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

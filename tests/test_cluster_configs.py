@@ -22,7 +22,7 @@ import ray
 import yaml
 from ray.runtime_env import RuntimeEnv
 
-from reptile_dist.engine.cluster import HEAD_RESOURCE
+from reptile_dist.engine.cluster import HEAD_RESOURCE, SYSTEM_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -332,6 +332,32 @@ def test_launcher_config_turns_on_token_auth_on_every_node(name):
     assert len(ray_starts) == 2
     assert all("RAY_AUTH_MODE=token ray start" in c for c in ray_starts)
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+
+
+def head_system_configs() -> dict[str, dict]:
+    """The `--system-config` each cluster/ file gives its head's `ray start`, as parsed JSON."""
+    found = {}
+    for name in LAUNCHER_CONFIGS:
+        heads = [c for c in load(name)["head_start_ray_commands"] if "ray start" in c]
+        args = [a for c in heads for a in shlex.split(c.replace("\n", " ")) if a.startswith("--system-config=")]
+        assert len(args) == 1, (name, heads)
+        found[name] = json.loads(args[0].split("=", 1)[1])
+    for name in KUBERAY_MANIFESTS:
+        # KubeRay pastes the value into `ray start --system-config=...`: shell-quoted JSON.
+        value = cluster_spec(load(name))["headGroupSpec"]["rayStartParams"]["system-config"]
+        found[name] = json.loads(shlex.split(value)[0])
+    local = re.search(r"^SYSTEM_CONFIG=(.*)$", (CLUSTER / "local.sh").read_text(), re.M)
+    assert local and '--system-config="$SYSTEM_CONFIG"' in (CLUSTER / "local.sh").read_text()
+    found["local.sh"] = json.loads(shlex.split(local.group(1))[0])
+    return found
+
+
+def test_every_cluster_config_gives_its_head_the_engines_ray_settings():
+    # The settings a local cluster starts with (start_local_ray): a cluster/ file that drifted
+    # from them would run the engine on Ray's defaults, silently slower.
+    configs = head_system_configs()
+    assert set(configs) == {*LAUNCHER_CONFIGS, *KUBERAY_MANIFESTS, "local.sh"}
+    assert all(config == SYSTEM_CONFIG for config in configs.values()), configs
 
 
 @pytest.mark.parametrize("name", LAUNCHER_CONFIGS)

@@ -108,6 +108,31 @@ def _sum(delta, tasks, moment, moment_steps):
                     torch.tensor(moment, dtype=torch.float64), moment_steps)
 
 
+@pytest.mark.slow  # starts Ray (for the metrics API the parameter server reports to)
+def test_one_worker_loops_pushes_are_applied_in_the_order_sent_whichever_thread_runs_first(ray_local):
+    # A prefetching worker has two pushes on their way, and the PS runs calls on a pool of threads.
+    import threading
+    import time
+
+    from reptile_dist.engine.parameter_server import ParameterServer
+    from reptile_dist.engine.wire import DeltaCodec
+    from reptile_dist.reptile import DeltaSum
+
+    cfg = tiny("sine").replace(backend="ray", mode="async", workers=1, inner_state="fresh")
+    ps = ParameterServer(cfg.to_dict(), np.zeros(4, dtype=np.float32))
+    payload = DeltaCodec(4, False, cfg.delta_dtype).encode(DeltaSum(torch.ones(4, dtype=torch.float64), 1, 0.0, 0.0))
+    # The second push (made at the version the first one makes) reaches its thread first.
+    later = threading.Thread(target=ps.push, args=(0, 1, 1, payload, ("loop-a", 1)))
+    later.start()
+    time.sleep(0.5)
+    assert ps.agg.counters.pushes == 0  # it waits for the first
+    ps.push(0, 0, 1, payload, ("loop-a", 0))
+    later.join(timeout=10)
+    assert [row["staleness"] for row in ps.drain()["rows"]] == [0.0, 0.0]  # each at the version it was made for
+    ps.push(0, 2, 1, payload, ("loop-b", 0))  # another loop (a replaced worker) numbers from 0 again
+    assert ps.agg.counters.pushes == 3
+
+
 def test_the_aggregator_rejects_a_push_whose_carried_estimate_is_not_finite():
     from reptile_dist.engine.aggregation import Aggregator, Push
 

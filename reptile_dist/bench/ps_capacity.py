@@ -19,7 +19,7 @@ import torch
 
 from reptile_dist.bench.runner import load_1m, wait_for_pushes, window_figures
 from reptile_dist.config import Config
-from reptile_dist.engine.parameter_server import ParameterServer
+from reptile_dist.engine.parameter_server import PS_CPUS, ParameterServer, concurrency
 from reptile_dist.engine.wire import DeltaCodec, WireSum
 from reptile_dist.reptile import DeltaSum
 
@@ -53,7 +53,7 @@ def measure_capacity(params: int, dtype: str, pushers: int, seconds: float, warm
                  delta_dtype=dtype, eval_every=0, checkpoint_every=0)
     delta = torch.randn(params, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e-4
     payload = DeltaCodec(params, False, dtype).encode(DeltaSum(delta, 1, 0.0, 0.0))
-    ps = ray.remote(ParameterServer).options(num_cpus=0.5, max_concurrency=1000) \
+    ps = ray.remote(ParameterServer).options(num_cpus=PS_CPUS, max_concurrency=concurrency(pushers)) \
         .remote(cfg.to_dict(), np.zeros(params, dtype=np.float32))
     senders = [ray.remote(Pusher).options(num_cpus=0.5, max_concurrency=2).remote(i, payload) for i in range(pushers)]
     try:

@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from reptile_dist.config import Config
 from reptile_dist.engine.adapt_worker import CRASH_FILE_ENV, AdaptWorker, Workspace
 from reptile_dist.engine.cluster import ClusterError, engine_bundles
-from reptile_dist.engine.parameter_server import PS_CPUS, ParameterServer
+from reptile_dist.engine.parameter_server import PS_CPUS, ParameterServer, concurrency
 from reptile_dist.plugins import Plugins
 from reptile_dist.training import LoopHooks
 
@@ -70,7 +70,7 @@ class EngineActors:
                          applied_tasks: int = 0, generation: int = 1):
         # Half of bundle 0's CPU: the PS mostly waits, and the evaluator takes the other half.
         return self._started(ray.remote(ParameterServer).options(
-            name=f"ps-{self.run_id}-{generation}", num_cpus=PS_CPUS, max_concurrency=1000,
+            name=f"ps-{self.run_id}-{generation}", num_cpus=PS_CPUS, max_concurrency=concurrency(self.cfg.workers),
             scheduling_strategy=self.in_bundle(0),
         ).remote(self.cfg.to_dict(), theta, outer_state, version, applied_tasks))
 

@@ -7,6 +7,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -18,6 +19,7 @@ from reptile_dist.config import Config
 from reptile_dist.evaluation import TaskScores, score_tasks, summarize
 from reptile_dist.reptile import DeltaSum, InnerMoment, OuterOptimizer, adapt_tasks, draw_tasks
 from reptile_dist.plugins import Plugins, build_family
+from reptile_dist.engine.aggregation import apply_async_push
 from reptile_dist.engine.wire import DeltaCodec
 from reptile_dist.training import LoopHooks, make_learner, set_torch_threads
 
@@ -99,11 +101,12 @@ class AdaptWorker(Workspace):
         def after(version: int) -> int:  # the version the next theta must be past
             return -1 if cfg.mode == "async" else version
 
+        token, pushes = f"{self.index}-{uuid.uuid4().hex[:8]}", 0  # this loop's pushes, in the order sent
         got = ray.get(ps.pull.remote(after(-1)))
         while loop == self._loop and got is not None:
             version, progress = got[1], got[2]
             pulled, carried = got[0]
-            theta = torch.tensor(pulled)  # object-store arrays are read-only: copy
+            theta = torch.tensor(pulled)  # arrays Ray hands over are read-only: copy
             moment = InnerMoment.from_state(carried)
             if in_flight is not None:  # ahead: start where the PS will be once the push on its way lands
                 theta, moment, version = self._look_ahead(theta, moment, version, progress, in_flight[1])
@@ -130,7 +133,8 @@ class AdaptWorker(Workspace):
             # Rejected here already: a non-finite sum is not worth its bytes (the PS counts it).
             payload = self.codec.encode(result) if result.finite else None
             sent_wall, sent = time.time(), time.perf_counter()
-            answer = ps.push_pull.remote(self.index, version, result.tasks, payload, after(version))
+            answer = ps.push_pull.remote(self.index, version, result.tasks, payload, after(version), (token, pushes))
+            pushes += 1
             adapted += result.tasks
             self.metrics.pushed(result.tasks)
             drew = 0.0
@@ -167,13 +171,13 @@ class AdaptWorker(Workspace):
                     pending: DeltaSum | None) -> tuple[torch.Tensor, InnerMoment | None, int]:
         """theta (at `version`, `progress` meta-steps done) after the PS applies this worker's
         `pending` push as a fresh push (staleness 0, weight 1), as Aggregator._push_async does; with
-        one worker exactly the theta the PS answers that push with. With several, the PS may weigh
+        one worker exactly the theta the PS answers that push with (the same `apply_async_push`). With several, the PS may weigh
         or drop it otherwise; its next answer corrects that. None (a rejected push): theta as it is."""
         if pending is None:
             return theta, moment, version
         outer = OuterOptimizer.for_config(self.cfg, theta)
         outer.inner_moment = moment
-        outer.apply_sum(pending, self.cfg.meta_step_size_at(progress), per=self.cfg.meta_batch_size)
+        apply_async_push(outer, self.cfg, pending, progress)
         return outer.theta, outer.inner_moment, version + 1
 
     def push_log(self) -> list[tuple[float, float, int, int]]:

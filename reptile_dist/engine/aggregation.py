@@ -28,6 +28,17 @@ from reptile_dist.config import Config
 from reptile_dist.reptile import DeltaSum, OuterOptimizer
 
 
+def apply_async_push(outer: OuterOptimizer, cfg: Config, total: DeltaSum, progress: float,
+                     weight: float = 1.0) -> float:
+    """An async push's update of `outer`'s theta, with `progress` meta-steps done: eps(progress) *
+    weight * sum / meta_batch_size, which is eps * weight * (tasks / meta_batch_size) * mean, so a
+    meta-batch's worth of fresh pushes moves theta as far as one synchronous meta-step. The PS's
+    update, and a prefetching worker's look-ahead at its own push (adapt_worker.py). Returns eps."""
+    step_size = cfg.meta_step_size_at(progress)
+    outer.apply_sum(total, step_size * weight, per=cfg.meta_batch_size)
+    return step_size
+
+
 @dataclass
 class Push:
     worker: int
@@ -140,9 +151,7 @@ class Aggregator:
             self.counters.rejected_in_a_row += 1
             return None
         weight = 1.0 if self.cfg.staleness_weighting == "none" else 1.0 / (1.0 + staleness)
-        step_size = self.cfg.meta_step_size_at(self.progress)
-        # eps * w(s) * sum/meta_batch_size == eps * w(s) * (tasks/meta_batch_size) * mean
-        self.outer.apply_sum(p.total, step_size * weight, per=self.cfg.meta_batch_size)
+        step_size = apply_async_push(self.outer, self.cfg, p.total, self.progress, weight)
         self.counters.applied_tasks += p.tasks
         self.counters.staleness[staleness] += 1
         self.counters.rejected_in_a_row = 0

@@ -21,6 +21,15 @@ from reptile_dist.training import RunSetup, finished_run, prepare_run, setup_run
 HEAD_RESOURCE = "reptile_head"  # advertised by the head node in cluster/ configs
 HEAD_SHARE = 0.01  # a token amount of HEAD_RESOURCE: it only pins a bundle to the head node
 NAMESPACE = "reptile-dist"
+# Objects up to this size travel inside the call's own message instead of through the object store
+# (Ray's default: 100 KiB). A push of the Omniglot nets (2 x 113k-117k float64 with the carried
+# estimate, 1.8 MB) and theta in its answer then cost one message each way instead of a store
+# object created, sealed, fetched and released on both sides; one parameter server took 1.6-1.8x
+# the deltas/s this way in a side-by-side probe on one node (README "Parameter-server capacity").
+# Larger nets still go through the store. A Ray setting of the whole cluster: a local cluster gets it
+# here, a cluster/ config passes the same value to the head's `ray start --system-config`.
+INLINE_OBJECT_BYTES = 4 * 1024 * 1024
+SYSTEM_CONFIG = {"max_direct_call_object_size": INLINE_OBJECT_BYTES}
 
 
 class ClusterError(UserError):
@@ -54,13 +63,21 @@ def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = Fa
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=include_dashboard, log_to_driver=True)
+            start_local_ray(num_cpus, include_dashboard)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def start_local_ray(num_cpus: int, include_dashboard: bool = False, log_to_driver: bool = True) -> None:
+    """A local Ray cluster in this process, with the engine's namespace and system settings (the
+    one place a local cluster is started, for runs, sweeps, the bench and the tests alike)."""
+    ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=include_dashboard,
+             log_to_driver=log_to_driver,
+             _system_config=dict(SYSTEM_CONFIG))  # a copy: Ray adds its own keys to the dict it is given
 
 
 def local_cluster_cpus(cpus_needed: Callable[[bool], float]) -> int:

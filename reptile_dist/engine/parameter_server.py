@@ -1,12 +1,16 @@
-"""The ParameterServer actor: holds theta (flat float32 numpy, which Ray's object store moves
-zero-copy) and the outer optimizer, and serves pulls and pushes for the adapt workers.
+"""The ParameterServer actor: holds theta (flat float32 numpy) and the outer optimizer, and serves
+pulls and pushes for the adapt workers.
 
-An asyncio actor, so a sync-mode pull can wait for the barrier without blocking pushes. Its
-figures go to Ray's metrics API as they change (engine/metrics.py).
+A threaded actor (Ray runs its calls on a pool of `concurrency(workers)` threads), so a sync-mode
+pull can wait for the barrier on its own thread without blocking pushes; one condition variable
+guards the aggregator and wakes the waiting pulls. Threads rather than asyncio: a push holds the
+GIL for its whole (short) handler either way, and Ray's threaded calls cost less per call than its
+asyncio ones (the round trip, not the handler, is what limits a PS, README "Parameter-server
+capacity"). Its figures go to Ray's metrics API as they change (engine/metrics.py).
 """
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
 from typing import Any
 
@@ -19,6 +23,16 @@ from reptile_dist.engine.wire import DeltaCodec, WireSum
 from reptile_dist.training import Cadence, set_torch_threads
 
 PS_CPUS = 0.5  # the parameter server's share of bundle 0 (the evaluator has the other half)
+# How long a push waits for the pushes sent before it from the same worker loop (`push`'s `sent`);
+# past it, it is applied anyway: an earlier push that never arrives must not stall the run.
+IN_ORDER_TIMEOUT_S = 5.0
+
+
+def concurrency(workers: int) -> int:
+    """Threads for a PS fed by `workers` adapt workers: a call in flight from each (two from a
+    prefetching one), as many again from replaced workers whose last call still waits for the next
+    version, and the driver's own calls (drain, state, complete_step, stop)."""
+    return 4 * workers + 8
 
 
 class ParameterServer:
@@ -36,18 +50,13 @@ class ParameterServer:
         self.started = time.perf_counter()
         self.busy_s = 0.0
         self.stopped = False
-        self._changed: asyncio.Condition | None = None
+        self.changed = threading.Condition()  # guards everything below and wakes the waiting pulls
         self._last_progress = self.agg.progress
         self._theta_copy, self._copy_version = None, -1  # theta as of _copy_version, never changed in place
+        self._next_push: dict[str, int] = {}  # a worker loop's token -> the number of its next push to apply
         self.metrics = ParameterServerMetrics(self.agg.counters)
 
-    @property
-    def changed(self) -> asyncio.Condition:
-        if self._changed is None:  # created inside the actor's event loop
-            self._changed = asyncio.Condition()
-        return self._changed
-
-    async def pull(self, after_version: int = -1):
+    def pull(self, after_version: int = -1):
         """[(theta, carried inner estimate as `InnerMoment.as_numpy` or None), version, meta-steps done]
         once the version is past `after_version`; None when the run is over.
 
@@ -55,50 +64,61 @@ class ParameterServer:
         version, so the caller has it in the same round trip instead of fetching it with a second
         request. It is a copy, made once per version, because the next update changes theta in
         place; the estimate is replaced, never changed in place, by each update."""
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.agg.version > after_version or self.agg.done or self.stopped)
-        if self.agg.done or self.stopped:
-            return None
-        if self._copy_version != self.agg.version:  # one copy per version, whoever pulls it
-            self._theta_copy, self._copy_version = self.agg.theta.copy(), self.agg.version
-        moment = self.agg.outer.inner_moment
-        return [(self._theta_copy, None if moment is None else moment.as_numpy()), self.agg.version,
-                self.agg.progress]
+        with self.changed:
+            self.changed.wait_for(lambda: self.agg.version > after_version or self.agg.done or self.stopped)
+            if self.agg.done or self.stopped:
+                return None
+            if self._copy_version != self.agg.version:  # one copy per version, whoever pulls it
+                self._theta_copy, self._copy_version = self.agg.theta.copy(), self.agg.version
+            moment = self.agg.outer.inner_moment
+            return [(self._theta_copy, None if moment is None else moment.as_numpy()), self.agg.version,
+                    self.agg.progress]
 
-    async def push_pull(self, worker: int, version: int, tasks: int, payload: WireSum | None,
-                        after_version: int = -1):
+    def push_pull(self, worker: int, version: int, tasks: int, payload: WireSum | None,
+                  after_version: int = -1, sent: tuple[str, int] | None = None):
         """A push, then the pull that follows it, in one call (a round trip less per meta-step than
         a push and a pull): `pull`'s answer with a fourth item, the seconds this call waited for the
         next version (the sync barrier), or None when the run is over."""
-        await self.push(worker, version, tasks, payload)
+        self.push(worker, version, tasks, payload, sent)
         waited = time.perf_counter()
-        got = await self.pull(after_version)
+        got = self.pull(after_version)
         return None if got is None else [*got, time.perf_counter() - waited]
 
-    async def push(self, worker: int, version: int, tasks: int, payload: WireSum | None) -> None:
+    def push(self, worker: int, version: int, tasks: int, payload: WireSum | None,
+             sent: tuple[str, int] | None = None) -> None:
         """`payload`: the worker's DeltaSum as `DeltaCodec.encode` made it; None when the worker
-        found it non-finite and sent only the count."""
-        t0 = time.perf_counter()
-        if self.agg.done or self.stopped:
-            return
-        total = None if payload is None else self.codec.decode(payload)
-        row = self.agg.push(Push(worker, version, tasks, total))
-        if row is not None:
-            self._after_update(row)
-        self.busy_s += time.perf_counter() - t0
-        self.metrics.update(self.agg.counters, row, self.agg.progress, self.busy_fraction)
-        async with self.changed:
-            self.changed.notify_all()
+        found it non-finite and sent only the count. `sent`: (the sending loop's token, this push's
+        number in it, from 0), so that one loop's pushes are applied in the order sent: a
+        prefetching worker has two on their way, and either of the threads running them may take
+        the lock first."""
+        with self.changed:
+            try:
+                if sent is not None:
+                    loop, number = sent
+                    self.changed.wait_for(lambda: self._next_push.get(loop, 0) >= number or self.stopped,
+                                          timeout=IN_ORDER_TIMEOUT_S)
+                    self._next_push[loop] = max(self._next_push.get(loop, 0), number + 1)
+                if self.agg.done or self.stopped:
+                    return
+                t0 = time.perf_counter()
+                total = None if payload is None else self.codec.decode(payload)
+                row = self.agg.push(Push(worker, version, tasks, total))
+                if row is not None:
+                    self._after_update(row)
+                self.busy_s += time.perf_counter() - t0
+                self.metrics.update(self.agg.counters, row, self.agg.progress, self.busy_fraction)
+            finally:
+                self.changed.notify_all()
 
-    async def complete_step(self) -> int:
+    def complete_step(self) -> int:
         """Sync mode: apply what arrived for the current version without waiting for the rest
         (used when a worker died mid-step and the run is configured not to wait)."""
-        row = self.agg.complete_step()
-        self._after_update(row)
-        self.metrics.update(self.agg.counters, row, self.agg.progress, self.busy_fraction)
-        async with self.changed:
+        with self.changed:
+            row = self.agg.complete_step()
+            self._after_update(row)
+            self.metrics.update(self.agg.counters, row, self.agg.progress, self.busy_fraction)
             self.changed.notify_all()
-        return self.agg.version
+            return self.agg.version
 
     def _after_update(self, row: dict[str, Any]) -> None:
         row["wall_s"] = time.perf_counter() - self.started
@@ -114,6 +134,10 @@ class ParameterServer:
 
     def drain(self) -> dict[str, Any]:
         """Everything new since the last drain, for the driver to log and save."""
+        with self.changed:
+            return self._drain()
+
+    def _drain(self) -> dict[str, Any]:
         rows, self.rows = self.rows, []
         snaps, self.snapshots = self.snapshots, []
         messages, self.agg.messages = self.agg.messages, []
@@ -128,9 +152,10 @@ class ParameterServer:
         return self.busy_s / max(time.perf_counter() - self.started, 1e-9)
 
     def state(self) -> dict[str, Any]:
-        return {**self.agg.state(), "theta": self.agg.theta.copy()}
+        with self.changed:
+            return {**self.agg.state(), "theta": self.agg.theta.copy()}
 
-    async def stop(self) -> None:
-        self.stopped = True
-        async with self.changed:
+    def stop(self) -> None:
+        with self.changed:
+            self.stopped = True
             self.changed.notify_all()

@@ -5,7 +5,8 @@
     counts: float64 [tasks, loss_sum, accuracy_sum, moment_steps]
 
 The counts stay float64 whatever the vector's precision (a 16-bit task count or loss sum would
-round). Pushes travel as numpy arrays, which Ray's object store moves zero-copy; bfloat16 has no
+round). Pushes travel as numpy arrays, which Ray moves without pickling them (zero-copy out of its
+object store, or inside the call's message up to `engine/cluster.py` INLINE_OBJECT_BYTES); bfloat16 has no
 numpy dtype, so it travels as its raw 16-bit pattern. The receiver decodes to float64, in which the
 parameter server sums; the all-reduce sums the vector in the wire precision itself.
 """
@@ -68,7 +69,7 @@ class DeltaCodec:
         return WireSum(vector.numpy(), self.counts(total).numpy())
 
     def decode(self, wire: WireSum) -> DeltaSum:
-        """Without a copy where the precision is float64 already: arrays from the object store are
+        """Without a copy where the precision is float64 already: arrays Ray hands over are
         read-only, and nothing writes into a decoded sum (every operation on it makes a new one)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's warning about read-only arrays
