@@ -1,23 +1,42 @@
-"""One parameter server's capacity at 100k and 10M parameters (float64 deltas, 2 pushers, 6 s
-windows), for comparing two checkouts side by side in one session: run it in each, one after the
-other, with nothing else on the machine.
+"""One parameter server's capacity (deltas/s) at a few sizes, for comparing two checkouts, or Ray's
+inline-object limit on and off, side by side in one session: run it in each checkout, one after
+the other, with nothing else on the machine, and compare the ratios.
 
     PYTHONPATH=. python benchmarks/ps_capacity_probe.py new
     (cd ../old-checkout && PYTHONPATH=. python /path/to/benchmarks/ps_capacity_probe.py old)
+    PYTHONPATH=. python benchmarks/ps_capacity_probe.py new --inline default --params 100000 --pushers 1 2
+
+It starts its own local Ray cluster with `--inline` as Ray's `max_direct_call_object_size` (objects
+up to that size travel inside a call's message; "default" leaves Ray's 100 KiB; the engine's own
+local clusters use `engine/cluster.py` INLINE_OBJECT_BYTES, 4 MiB), so that a checkout from before
+that setting can be measured with it and this one without.
 """
-import sys
+import argparse
 
 import ray
 
 from reptile_dist.bench.ps_capacity import measure_capacity
 
+ENGINE_INLINE_BYTES = 4 * 1024 * 1024
+
 if __name__ == "__main__":
-    label = sys.argv[1] if len(sys.argv) > 1 else "this checkout"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("label", nargs="?", default="this checkout")
+    parser.add_argument("--inline", default=str(ENGINE_INLINE_BYTES),
+                        help="max_direct_call_object_size in bytes, or 'default' for Ray's own (100 KiB)")
+    parser.add_argument("--params", type=int, nargs="+", default=[100_000, 10_000_000])
+    parser.add_argument("--pushers", type=int, nargs="+", default=[2])
+    parser.add_argument("--dtype", default="float64")
+    parser.add_argument("--seconds", type=float, default=6.0)
+    args = parser.parse_args()
+    system = None if args.inline == "default" else {"max_direct_call_object_size": int(args.inline)}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=system)
     try:
-        for params in (100_000, 10_000_000):
-            row = measure_capacity(params, "float64", 2, 6.0, 1.0)
-            print(f"{label} {params}: {row['pushes_per_s']:.1f} pushes/s, handler {row['handler_pushes_per_s']:.1f}/s, "
-                  f"load {row['load_1m']:.1f}", flush=True)
+        for params in args.params:
+            for pushers in args.pushers:
+                row = measure_capacity(params, args.dtype, pushers, args.seconds, 1.0)
+                print(f"{args.label} inline={args.inline} {params} params {args.dtype} {pushers} pushers: "
+                      f"{row['pushes_per_s']:.1f} pushes/s, handler {row['handler_pushes_per_s']:.1f}/s, "
+                      f"median {row['push_latency_median_ms']:.1f} ms, load {row['load_1m']:.1f}", flush=True)
     finally:
         ray.shutdown()
