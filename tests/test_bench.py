@@ -60,9 +60,16 @@ def test_the_local_baselines_run_the_plain_loop_and_the_trainer_beside_a_busy_pr
     from reptile_dist.plugins import build_family
 
     cfg = Config(torch_threads=1)  # sine
-    rows = local_baselines(cfg, build_family(cfg), seconds=0.4, warmup=0.1)
+    rows = local_baselines(cfg, build_family(cfg), seconds=0.6, warmup=0.1, rounds=3)
     plain = [r for r in rows if r["what"].startswith("plain loop")]
     assert plain and all(r["tasks_per_s"] > 0 and r["vs_plain_loop"] == 1.0 for r in plain)
+    for r in rows:  # every unloaded row took its turn in each round, and is compared within the round
+        if r["busy_process_beside"]:
+            continue
+        assert len(r["round_tasks_per_s"]) == 3 and r["tasks_per_s"] == pytest.approx(sum(r["round_tasks_per_s"]) / 3)
+        same = next(p for p in plain if p["threads"] == r["threads"])
+        ratios = sorted(a / b for a, b in zip(r["round_tasks_per_s"], same["round_tasks_per_s"]))
+        assert (r["vs_plain_loop_min"], r["vs_plain_loop"], r["vs_plain_loop_max"]) == pytest.approx(tuple(ratios))
     assert {r["threads"] for r in rows if not r["busy_process_beside"]} == {1, os.cpu_count()}
     loaded = [r for r in rows if r["busy_process_beside"]]
     assert len(loaded) == 2 and all(r["tasks_per_s"] > 0 and r["vs_plain_loop"] is None for r in loaded)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -92,10 +93,20 @@ def measure_plain_loop(cfg: Config, family: TaskFamily, seconds: float, warmup: 
     return adapted / (time.perf_counter() - started)
 
 
-def local_baselines(cfg: Config, family: TaskFamily, seconds: float, warmup: float) -> list[dict[str, Any]]:
+LOCAL_ROUNDS = 3  # rounds of the trainer-against-plain-loop rows, each variant once per round
+
+
+def local_baselines(cfg: Config, family: TaskFamily, seconds: float, warmup: float,
+                    rounds: int = LOCAL_ROUNDS) -> list[dict[str, Any]]:
     """Side by side in one run: the local trainer (fresh and as configured) and the plain loop at
     one thread and at every core; then the local trainer at its default threads and at torch's
-    own default with a busy process beside it."""
+    own default with a busy process beside it.
+
+    The variants at one thread count take turns: `rounds` rounds of `seconds / rounds` each,
+    the order rotated every round, so a drift of the machine's speed (this VM's moves by more than
+    the differences measured) falls on every variant alike. A row's tasks/s is the mean of its
+    rounds, its "vs plain loop" the median of the ratios to the plain loop's window in the same round,
+    with their least and greatest beside it."""
     cores = os.cpu_count() or 1
     fresh = cfg.replace(inner_state="fresh")  # the plain loop has no carried estimate
     rows = []
@@ -104,22 +115,30 @@ def local_baselines(cfg: Config, family: TaskFamily, seconds: float, warmup: flo
         rows.append({"what": what, "threads": threads, "busy_process_beside": busy, "tasks_per_s": tasks_per_s,
                      "load_1m": os.getloadavg()[0], **extra})
 
+    plain_loop = "plain loop (deepcopy per task, fresh Adam)"
     for threads in sorted({1, cores}):
         with torch_threads(threads):
             one = cfg.replace(torch_threads=threads, cpus_per_worker=threads)
-            row(f"local trainer ({cfg.inner_state} inner state)", threads, False,
-                measure_local(one, family, seconds, warmup))
-            row("local trainer (fresh inner state)", threads, False,
-                measure_local(fresh.replace(torch_threads=threads, cpus_per_worker=threads), family, seconds, warmup))
-            row("plain loop (deepcopy per task, fresh Adam)", threads, False,
-                measure_plain_loop(fresh, family, seconds, warmup))
+            one_fresh = fresh.replace(torch_threads=threads, cpus_per_worker=threads)
+            variants = [
+                (f"local trainer ({cfg.inner_state} inner state)", lambda s, w: measure_local(one, family, s, w)),
+                ("local trainer (fresh inner state)", lambda s, w: measure_local(one_fresh, family, s, w)),
+                (plain_loop, lambda s, w: measure_plain_loop(fresh, family, s, w)),
+            ]
+            if cfg.inner_state == "fresh":  # the configured trainer is the fresh one already
+                del variants[1]
+            rates: dict[str, list[float]] = {name: [] for name, _ in variants}
+            for k in range(rounds):
+                for name, measure in variants[k % len(variants):] + variants[:k % len(variants)]:
+                    rates[name].append(measure(seconds / rounds, warmup if k == 0 else min(warmup, 1.0)))
+            for name, _ in variants:
+                ratios = sorted(a / b for a, b in zip(rates[name], rates[plain_loop]))
+                row(name, threads, False, sum(rates[name]) / rounds, round_tasks_per_s=rates[name],
+                    vs_plain_loop=statistics.median(ratios), vs_plain_loop_min=ratios[0], vs_plain_loop_max=ratios[-1])
     with busy_process():
         for what, threads in (("local trainer, default threads (torch_threads: 0)", 0),
                               ("local trainer, torch's own default (every core)", cores)):
             c = cfg.replace(torch_threads=threads, cpus_per_worker=1)
-            row(what, threads or 1, True, measure_local(c, family, seconds, warmup))
-    for r in rows:
-        match = next((o for o in rows if o["threads"] == r["threads"] and not o["busy_process_beside"]
-                      and o["what"].startswith("plain loop")), None)
-        r["vs_plain_loop"] = r["tasks_per_s"] / match["tasks_per_s"] if match and not r["busy_process_beside"] else None
+            row(what, threads or 1, True, measure_local(c, family, seconds, warmup),
+                round_tasks_per_s=None, vs_plain_loop=None, vs_plain_loop_min=None, vs_plain_loop_max=None)
     return rows

@@ -24,7 +24,8 @@ CAPACITY_COLUMNS = [
 ]
 LOCAL_COLUMNS = [
     ("what", "trainer"), ("threads", "threads"), ("busy_process_beside", "busy process beside"),
-    ("tasks_per_s", "tasks/s"), ("vs_plain_loop", "vs plain loop"), ("load_1m", "load"),
+    ("tasks_per_s", "tasks/s"), ("vs_plain_loop", "vs plain loop (median of rounds)"),
+    ("vs_plain_loop_min", "least"), ("vs_plain_loop_max", "greatest"), ("load_1m", "load"),
 ]
 MODEL_COLUMNS = [
     ("preset", "preset"), ("params", "params"), ("inner_state", "inner state"), ("worker_tasks_per_s", "worker tasks/s"),

@@ -198,8 +198,10 @@ def write_outputs(plan: BenchPlan, out: Path, command: str, engine_rows, capacit
         written["local.parquet"] = write_parquet(list(local_rows), out / "local.parquet")
         sections.append(("Local trainer against a plain loop, and its threads under load",
                          "Plain loop: a deepcopy of the model and a fresh Adam per task, as the reference code and "
-                         "learn2learn's example adapt; the same tasks and mini-batches. vs plain loop: tasks/s over "
-                         "the plain loop's at the same threads. Rows with a busy process beside them share the "
+                         "learn2learn's example adapt; the same tasks and mini-batches. At each thread count the three "
+                         "rows took turns, in rounds (the order rotated each round); tasks/s is the mean of a row's "
+                         "rounds, vs plain loop the median of its ratios to the plain loop's window of the same round, "
+                         "least and greatest the spread of those ratios. Rows with a busy process beside them share the "
                          "machine with one process spinning on a core.\n\n" + markdown_table(list(local_rows), LOCAL_COLUMNS)))
     if engine_rows:
         written["bench.parquet"] = write_parquet(engine_rows, out / "bench.parquet")
