@@ -24,8 +24,8 @@ NAMESPACE = "reptile-dist"
 # Objects up to this size travel inside the call's own message instead of through the object store
 # (Ray's default: 100 KiB). A push of the Omniglot nets (2 x 113k-117k float64 with the carried
 # estimate, 1.8 MB) and theta in its answer then cost one message each way instead of a store
-# object created, sealed, fetched and released on both sides; one parameter server took 1.6-1.8x
-# the deltas/s this way in a side-by-side probe on one node (README "Parameter-server capacity").
+# object created, sealed, fetched and released on both sides; one parameter server took about
+# 1.2-1.4x the deltas/s this way side by side on one node (README "Parameter-server capacity").
 # Larger nets still go through the store. A Ray setting of the whole cluster: a local cluster gets it
 # here, a cluster/ config passes the same value to the head's `ray start --system-config`.
 INLINE_OBJECT_BYTES = 4 * 1024 * 1024

@@ -136,17 +136,14 @@ class ParameterServer:
     def drain(self) -> dict[str, Any]:
         """Everything new since the last drain, for the driver to log and save."""
         with self.changed:
-            return self._drain()
-
-    def _drain(self) -> dict[str, Any]:
-        rows, self.rows = self.rows, []
-        snaps, self.snapshots = self.snapshots, []
-        messages, self.agg.messages = self.agg.messages, []
-        return {"rows": rows, "snapshots": snaps, "messages": messages, "version": self.agg.version,
-                "progress": self.agg.progress, "done": self.agg.done, "counters": self.agg.counters.as_dict(),
-                "rejected_in_a_row": self.agg.counters.rejected_in_a_row,
-                "busy_fraction": self.busy_fraction,
-                "busy_s": self.busy_s, "uptime_s": time.perf_counter() - self.started}
+            rows, self.rows = self.rows, []
+            snaps, self.snapshots = self.snapshots, []
+            messages, self.agg.messages = self.agg.messages, []
+            return {"rows": rows, "snapshots": snaps, "messages": messages, "version": self.agg.version,
+                    "progress": self.agg.progress, "done": self.agg.done, "counters": self.agg.counters.as_dict(),
+                    "rejected_in_a_row": self.agg.counters.rejected_in_a_row,
+                    "busy_fraction": self.busy_fraction,
+                    "busy_s": self.busy_s, "uptime_s": time.perf_counter() - self.started}
 
     @property
     def busy_fraction(self) -> float:
