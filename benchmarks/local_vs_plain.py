@@ -25,6 +25,8 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=LOCAL_ROUNDS)
     parser.add_argument("--set", action="append", default=[], metavar="K=V")
     args = parser.parse_args()
+    if args.rounds < 1 or args.seconds <= 0:
+        parser.error("--rounds must be at least 1 and --seconds positive")
     cfg = load_config(args.config, parse_overrides(args.set))
     for r in local_baselines(cfg, build_family(cfg), args.seconds, args.warmup, args.rounds):
         spread = ("" if r["vs_plain_loop"] is None else

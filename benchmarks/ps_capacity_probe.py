@@ -29,6 +29,8 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args()
+    if args.inline != "default" and not args.inline.isdigit():
+        parser.error(f"--inline takes a byte count or 'default', not {args.inline!r}")
     system = None if args.inline == "default" else {"max_direct_call_object_size": int(args.inline)}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=system)
     try:
