@@ -17,8 +17,8 @@ def _params(out):
 
 
 @pytest.mark.slow  # the Ray runs here take 12-47 s each on 2 idle cores, 28-95 s on busy ones
-@pytest.mark.parametrize("workers, inner_state, outer", [(1, "fresh", "sgd"), (2, "fresh", "nesterov"),
-                                                         (2, "carried", "sgd")])
+@pytest.mark.parametrize("workers, inner_state, outer", [(1, "carried", "sgd"), (1, "fresh", "nesterov"),
+                                                         (2, "fresh", "nesterov"), (2, "carried", "sgd")])
 def test_sync_equals_the_local_trainer(ray_local, tmp_path, workers, inner_state, outer):
     cfg = tiny("synthetic", meta_iters=5, inner_state=inner_state, outer_optimizer=outer, meta_step_size=0.7,
                meta_step_size_final=0.0)
@@ -33,6 +33,11 @@ def test_sync_equals_the_local_trainer(ray_local, tmp_path, workers, inner_state
         assert torch.allclose(a["sq"], b["sq"], rtol=1e-5, atol=1e-12)
         # and the final evaluation (sharded over the actors) started from it, as the local one did
         assert ray_summary["test_loss"] == pytest.approx(local_summary["test_loss"], rel=1e-4)
+    # A lone worker with the SGD outer step adapts each step's tasks while the push before travels
+    # (every step but the first); otherwise no worker can know the next theta before the PS.
+    looked_ahead = workers == 1 and outer == "sgd"
+    assert ray_summary["adapted_ahead"] == (cfg.meta_iters - 1 if looked_ahead else 0)
+    assert ray_summary["adapted_ahead_again"] == 0
 
 
 def _initial(cfg):
@@ -71,6 +76,46 @@ def test_async_prefetch_with_one_worker_follows_the_same_path_as_without(ray_loc
     assert torch.equal(a, b)  # bit for bit: the worker applies the float64 sum as the PS does
     moments = [load_checkpoint(str(tmp_path / run / "final.pt"))["inner_moment"]["sq"] for run in ("waiting", "ahead")]
     assert torch.equal(*moments)
+
+
+@pytest.mark.slow
+def test_async_with_one_worker_looks_ahead_and_equals_sync(ray_local, tmp_path):
+    """One async worker is sync mode by another name (its push is the whole update, at staleness
+    0), so it looks ahead as a lone sync worker does, without `prefetch`, and ends where sync does."""
+    cfg = tiny("synthetic", meta_iters=5, inner_state="carried", meta_step_size=0.7).replace(backend="ray", workers=1)
+    summaries = {mode: train_ray(cfg.replace(mode=mode), str(tmp_path / mode), **quiet) for mode in ("sync", "async")}
+    assert [summaries[m]["adapted_ahead"] for m in ("sync", "async")] == [cfg.meta_iters - 1] * 2
+    assert torch.equal(_params(tmp_path / "sync"), _params(tmp_path / "async"))
+
+
+@pytest.mark.slow
+def test_a_lone_workers_look_ahead_is_adapted_again_when_the_ps_answers_otherwise(ray_local):
+    """The look-ahead is a guess checked against the PS's answer: a worker whose own update
+    differs from the PS's (here a different meta step size) adapts every step again from the
+    answer, and the run ends at the same theta as one whose guesses were right."""
+    import ray
+    from reptile_dist.engine.adapt_worker import AdaptWorker
+    from reptile_dist.engine.parameter_server import ParameterServer, concurrency
+
+    cfg = tiny("synthetic", meta_iters=4, meta_step_size=0.7, meta_step_size_final=0.0).replace(
+        backend="ray", mode="sync", workers=1)
+
+    def run(worker_cfg):
+        ps = ray.remote(ParameterServer).options(max_concurrency=concurrency(1)).remote(
+            cfg.to_dict(), _initial(cfg).numpy())
+        worker = ray.remote(AdaptWorker).options(max_concurrency=2).remote(worker_cfg.to_dict(), 0)
+        try:
+            return ray.get(worker.run.remote(ps)), ray.get(ps.state.remote())["theta"]
+        finally:
+            ray.kill(ps)
+            ray.kill(worker)
+
+    right, theta_right = run(cfg)
+    wrong, theta_wrong = run(cfg.replace(meta_step_size=0.3))
+    assert (right["adapted_ahead"], right["adapted_ahead_again"]) == (cfg.meta_iters - 1, 0)
+    assert (wrong["adapted_ahead"], wrong["adapted_ahead_again"]) == (0, cfg.meta_iters - 1)
+    assert not np.array_equal(theta_right, _initial(cfg).numpy())
+    assert np.array_equal(theta_right, theta_wrong)
 
 
 @pytest.mark.slow

@@ -43,6 +43,20 @@ def worker_share(cfg: Config, index: int, repeat: int = 0) -> list[int]:
     return list(range(index, cfg.meta_batch_size, cfg.workers))
 
 
+def exact_look_ahead(cfg: Config) -> bool:
+    """Whether a worker can adapt its next tasks while its push travels, from the theta the PS
+    will answer with: when it is the only worker (its push is the whole update, in sync and in
+    async mode alike) and the outer step is plain SGD (no optimizer state held only by the PS).
+    Async with `prefetch` looks ahead its own way (AdaptWorker.run)."""
+    return cfg.workers == 1 and cfg.outer_optimizer == "sgd" and not (cfg.mode == "async" and cfg.prefetch)
+
+
+def _same_estimate(a: InnerMoment | None, b: InnerMoment | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.steps == b.steps and torch.equal(a.sq, b.sq)
+
+
 class Workspace:
     """A task family and a learner on this actor's device (its GPU when Ray assigned one)."""
 
@@ -85,17 +99,25 @@ class AdaptWorker(Workspace):
         """Pull theta, adapt this worker's share, push the summed delta and take the next theta in
         the same call (ParameterServer.push_pull); until the PS says done.
 
-        While a push is on its way the worker does what it can without the answer. sync: it draws
-        the next step's tasks. async with `prefetch`: it applies its own push to the theta it has,
-        as the PS will (the SGD outer step), and adapts its next tasks there; it takes the answer
-        to a push only after sending the next one, and adds its newest push to that answer."""
+        While a push is on its way the worker does what it can without the answer:
+        - alone (one worker, the SGD outer step, sync or async without `prefetch`): it applies its
+          own push to the theta it has, exactly as the PS will (`exact_look_ahead`), and adapts the
+          next tasks there. It sends them only once the answer shows the same theta (and inner
+          estimate) at the next version; otherwise it adapts them again from the answer, so the
+          run is the one it would be without looking ahead, bit for bit.
+        - async with `prefetch`, several workers: it applies its own push to the theta it has, as
+          the PS will, and adapts its next tasks there; it takes the answer to a push only after
+          sending the next one, and adds its newest push to that answer.
+        - otherwise, sync: it draws the next step's tasks."""
         cfg = self.cfg
         self._loop += 1
         loop = self._loop
-        adapted, busy = 0, 0.0
+        adapted, busy, ahead_used, ahead_redone = 0, 0.0, 0, 0
         ahead = cfg.mode == "async" and cfg.prefetch
+        exact = exact_look_ahead(cfg)
         in_flight = None  # ahead: (the push whose answer is not taken yet, its sum as the PS decodes it)
         drawn = None  # sync: (version, the tasks of the share at it), drawn while the last push travelled
+        ready = None  # exact: (version, theta, estimate, the share's result there), adapted while the push travelled
         last_version, repeat = -1, 0  # the version the worker adapted from last, and how often
 
         def after(version: int) -> int:  # the version the next theta must be past
@@ -116,17 +138,20 @@ class AdaptWorker(Workspace):
             if not share:
                 got = ray.get(ps.pull.remote(after(version)))
                 continue
-            self._crash_if_planned(version, share)
-            with self._learner_lock:
-                if loop != self._loop:
-                    break
-                t0 = time.perf_counter()
+            result = None
+            if ready is not None:
+                if ready[0] == version and torch.equal(ready[1], theta) and _same_estimate(ready[2], moment):
+                    result, ahead_used = ready[3], ahead_used + 1
+                else:  # the PS moved elsewhere (a rejected push, a restored PS): adapt from its theta
+                    ahead_redone += 1
+                ready = None
+            if result is None:
                 tasks = drawn[1] if drawn is not None and drawn[0] == version else None
                 drawn = None
-                result = adapt_tasks(self.learner, self.family, theta, cfg, version, share, moment, tasks)
-                adapt_s = time.perf_counter() - t0
+                result, adapt_s = self._adapt(loop, theta, moment, version, share, tasks)
+                if result is None:
+                    break
                 busy += adapt_s
-            self.hooks.after_adapt(self.index, adapt_s)
             if self._poison.is_set():
                 self._poison.clear()
                 result.delta = torch.full_like(result.delta, float("nan"))
@@ -138,13 +163,23 @@ class AdaptWorker(Workspace):
             adapted += result.tasks
             self.metrics.pushed(result.tasks)
             drew = 0.0
+            landing = self.codec.decode(payload) if payload is not None and (ahead or exact) else None
+            if landing is not None and not landing.finite:  # the PS will reject it
+                landing = None
             if ahead:
                 # What the PS will apply: the sum as it decodes it (the wire precision), if finite.
-                landing = self.codec.decode(payload) if payload is not None else None
-                previous, in_flight = in_flight, (answer, landing if landing is not None and landing.finite else None)
+                previous, in_flight = in_flight, (answer, landing)
                 if previous is None:  # the first push: nothing earlier to take, go on from the theta at hand
                     continue
                 answer = previous[0]
+            elif exact and landing is not None:
+                next_theta, next_moment = self._own_update(theta, moment, version, progress, landing)
+                next_share = worker_share(cfg, self.index, 0)
+                next_result, adapt_s = self._adapt(loop, next_theta, next_moment, version + 1, next_share)
+                if next_result is None:
+                    break
+                busy += adapt_s
+                ready = (version + 1, next_theta, next_moment, next_result)
             elif cfg.mode == "sync":
                 with self._learner_lock:  # a family need not be safe to draw from in two loops at once
                     t0 = time.perf_counter()
@@ -155,17 +190,45 @@ class AdaptWorker(Workspace):
             got = ray.get(answer)
             if got is not None:
                 # latency: the round trip less the PS's wait for the next version and the worker's own
-                # drawing meanwhile (at least the time blocked); ahead, the time blocked
+                # drawing meanwhile (at least the time blocked); looking ahead, the time blocked
                 now = time.perf_counter()
-                latency = now - waited if ahead else max(now - waited, now - sent - got[3] - drew)
+                latency = now - waited if ahead or ready is not None else max(now - waited, now - sent - got[3] - drew)
                 self._pushes.append((sent_wall, latency, 0 if payload is None else payload.nbytes,
                                      pulled.nbytes + (0 if carried is None else carried["sq"].nbytes)))
         if in_flight is not None:
             ray.get(in_flight[0])  # the last push's errors surface here, as any other push's
         latencies = [entry[1] for entry in self._pushes]
         return {"worker": self.index, "tasks": adapted, "busy_s": busy,
+                "adapted_ahead": ahead_used, "adapted_ahead_again": ahead_redone,
                 "push_latency_median_s": float(np.median(latencies)) if latencies else math.nan,
                 "push_latency_p95_s": float(np.percentile(latencies, 95)) if latencies else math.nan}
+
+    def _adapt(self, loop: int, theta: torch.Tensor, moment: InnerMoment | None, version: int, share: list[int],
+               tasks=None) -> tuple[DeltaSum | None, float]:
+        """The share adapted from theta at `version` (its tasks, when drawn already), and the
+        seconds it took; None when a newer run() loop owns the learner."""
+        self._crash_if_planned(version, share)
+        with self._learner_lock:
+            if loop != self._loop:
+                return None, 0.0
+            t0 = time.perf_counter()
+            result = adapt_tasks(self.learner, self.family, theta, self.cfg, version, share, moment, tasks)
+            adapt_s = time.perf_counter() - t0
+        self.hooks.after_adapt(self.index, adapt_s)
+        return result, adapt_s
+
+    def _own_update(self, theta: torch.Tensor, moment: InnerMoment | None, version: int, progress: float,
+                    total: DeltaSum) -> tuple[torch.Tensor, InnerMoment | None]:
+        """theta and the inner estimate after the PS applies this worker's push `total` (as it
+        decodes it) when no other worker pushes: the sync step's update (Aggregator.complete_step)
+        or the async one (apply_async_push), by the same functions, so bit for bit the PS's."""
+        outer = OuterOptimizer.for_config(self.cfg, theta)
+        outer.inner_moment = moment
+        if self.cfg.mode == "async":
+            apply_async_push(outer, self.cfg, total, progress)
+        else:
+            outer.apply_sum(total, self.cfg.meta_step_size_at(version))
+        return outer.theta, outer.inner_moment
 
     def _look_ahead(self, theta: torch.Tensor, moment: InnerMoment | None, version: int, progress: float,
                     pending: DeltaSum | None) -> tuple[torch.Tensor, InnerMoment | None, int]:

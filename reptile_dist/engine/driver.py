@@ -109,6 +109,7 @@ class EngineRun:
         self.evaluator_generation = 0
         self.workers_replaced = 0
         self.redone_steps = 0
+        self.adapted_ahead = self.adapted_ahead_again = 0  # the workers' loops' reports (AdaptWorker.run)
         self.redone_tasks = 0
         self.restarts = Restarts(cfg.max_failures)
         self.down: dict[int, float] = {}  # dead worker -> when its replacement may start (inf: none needed)
@@ -193,6 +194,9 @@ class EngineRun:
                      "workers_replaced": self.workers_replaced, "ps_restarts": self.ps_generation - 1,
                      "evaluator_restarts": self.evaluator_generation - 1,
                      "redone_steps": self.redone_steps,
+                     # pushes adapted while the one before travelled (a lone worker, AdaptWorker.run),
+                     # and those adapted again because the PS's answer differed
+                     "adapted_ahead": self.adapted_ahead, "adapted_ahead_again": self.adapted_ahead_again,
                      "worker_nodes": sorted({p["node_id"] for p in self.placements}),
                      "worker_devices": sorted({p["device"] for p in self.placements})}
             step = cfg.meta_iters
@@ -235,7 +239,9 @@ class EngineRun:
                 finished = ray.wait(list(runs), timeout=0, num_returns=len(runs))[0] if runs else []
                 for ref in finished:
                     try:
-                        ray.get(ref)
+                        report = ray.get(ref)
+                        self.adapted_ahead += report["adapted_ahead"]
+                        self.adapted_ahead_again += report["adapted_ahead_again"]
                     except RayTaskError as exc:
                         if isinstance(exc, RayActorError):
                             break  # the worker lost the PS; the next drain notices and restores it
