@@ -140,7 +140,8 @@ class Config:
                                   "relieve the parameter server); 0: ceil(meta_batch_size / workers)", lo=0)
     prefetch: bool = knob(False, "async: adapt the next tasks while the push is on its way, from the theta at hand "
                                  "with the worker's own push applied as the PS will apply it (needs outer_optimizer "
-                                 "sgd); hides Ray's round trip, and with one worker follows the same path")
+                                 "sgd); hides Ray's round trip with several workers, at one more adaptation of "
+                                 "staleness (a lone worker with sgd looks ahead without it, checked, in either mode)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

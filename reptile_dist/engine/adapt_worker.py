@@ -51,10 +51,18 @@ def exact_look_ahead(cfg: Config) -> bool:
     return cfg.workers == 1 and cfg.outer_optimizer == "sgd" and not (cfg.mode == "async" and cfg.prefetch)
 
 
+LOOK_AHEAD_MISSES = 2  # guesses wrong in a row after which a lone worker stops looking ahead
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (torch.equal takes -0.0 for 0.0)."""
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def _same_estimate(a: InnerMoment | None, b: InnerMoment | None) -> bool:
     if a is None or b is None:
         return a is b
-    return a.steps == b.steps and torch.equal(a.sq, b.sq)
+    return a.steps == b.steps and _same_bits(a.sq, b.sq)
 
 
 class Workspace:
@@ -100,24 +108,29 @@ class AdaptWorker(Workspace):
         the same call (ParameterServer.push_pull); until the PS says done.
 
         While a push is on its way the worker does what it can without the answer:
-        - alone (one worker, the SGD outer step, sync or async without `prefetch`): it applies its
-          own push to the theta it has, exactly as the PS will (`exact_look_ahead`), and adapts the
-          next tasks there. It sends them only once the answer shows the same theta (and inner
-          estimate) at the next version; otherwise it adapts them again from the answer, so the
-          run is the one it would be without looking ahead, bit for bit.
-        - async with `prefetch`, several workers: it applies its own push to the theta it has, as
-          the PS will, and adapts its next tasks there; it takes the answer to a push only after
-          sending the next one, and adds its newest push to that answer.
+        - alone (one worker, the SGD outer step, sync or async without `prefetch`): unless that
+          push ends the run, it applies the push to the theta it has, exactly as the PS will
+          (`exact_look_ahead`), and adapts the next tasks there. It sends them only once the
+          answer shows the same theta (and inner estimate) at the next version; otherwise it
+          adapts them again from the answer, with torch's random state put back as it was before
+          the guess (a plug-in network's dropout draws from it), so the run is the one it would
+          be without looking ahead, bit for bit. After LOOK_AHEAD_MISSES wrong guesses in a row
+          it stops guessing.
+        - async with `prefetch`: it applies its own push to the theta it has, as the PS will, and
+          adapts its next tasks there; it takes the answer to a push only after sending the next
+          one, and adds its newest push to that answer.
         - otherwise, sync: it draws the next step's tasks."""
         cfg = self.cfg
         self._loop += 1
         loop = self._loop
-        adapted, busy, ahead_used, ahead_redone = 0, 0.0, 0, 0
-        ahead = cfg.mode == "async" and cfg.prefetch
+        adapted, busy, guessed_right, guessed_wrong, misses = 0, 0.0, 0, 0, 0
+        prefetch = cfg.mode == "async" and cfg.prefetch
         exact = exact_look_ahead(cfg)
-        in_flight = None  # ahead: (the push whose answer is not taken yet, its sum as the PS decodes it)
+        in_flight = None  # prefetch: (the push whose answer is not taken yet, its sum as the PS decodes it)
         drawn = None  # sync: (version, the tasks of the share at it), drawn while the last push travelled
-        ready = None  # exact: (version, theta, estimate, the share's result there), adapted while the push travelled
+        # exact: (version, theta, estimate, the share's result there, torch's random state before it),
+        # adapted while the push travelled
+        ready = None
         last_version, repeat = -1, 0  # the version the worker adapted from last, and how often
 
         def after(version: int) -> int:  # the version the next theta must be past
@@ -130,7 +143,7 @@ class AdaptWorker(Workspace):
             pulled, carried = got[0]
             theta = torch.tensor(pulled)  # arrays Ray hands over are read-only: copy
             moment = InnerMoment.from_state(carried)
-            if in_flight is not None:  # ahead: start where the PS will be once the push on its way lands
+            if in_flight is not None:  # prefetch: start where the PS will be once the push on its way lands
                 theta, moment, version = self._look_ahead(theta, moment, version, progress, in_flight[1])
             repeat = repeat + 1 if version == last_version else 0
             last_version = version
@@ -140,10 +153,13 @@ class AdaptWorker(Workspace):
                 continue
             result = None
             if ready is not None:
-                if ready[0] == version and torch.equal(ready[1], theta) and _same_estimate(ready[2], moment):
-                    result, ahead_used = ready[3], ahead_used + 1
+                if ready[0] == version and _same_bits(ready[1], theta) and _same_estimate(ready[2], moment):
+                    self._crash_if_planned(version, share)  # where a worker without the guess would meet it
+                    result, guessed_right, misses = ready[3], guessed_right + 1, 0
                 else:  # the PS moved elsewhere (a rejected push, a restored PS): adapt from its theta
-                    ahead_redone += 1
+                    self._set_rng_state(ready[4])
+                    guessed_wrong, misses = guessed_wrong + 1, misses + 1
+                    exact = misses < LOOK_AHEAD_MISSES
                 ready = None
             if result is None:
                 tasks = drawn[1] if drawn is not None and drawn[0] == version else None
@@ -163,23 +179,24 @@ class AdaptWorker(Workspace):
             adapted += result.tasks
             self.metrics.pushed(result.tasks)
             drew = 0.0
-            landing = self.codec.decode(payload) if payload is not None and (ahead or exact) else None
+            landing = self.codec.decode(payload) if payload is not None and (prefetch or exact) else None
             if landing is not None and not landing.finite:  # the PS will reject it
                 landing = None
-            if ahead:
+            if prefetch:
                 # What the PS will apply: the sum as it decodes it (the wire precision), if finite.
                 previous, in_flight = in_flight, (answer, landing)
                 if previous is None:  # the first push: nothing earlier to take, go on from the theta at hand
                     continue
                 answer = previous[0]
-            elif exact and landing is not None:
+            elif exact and landing is not None and not self._ends_run(version, progress, result.tasks):
                 next_theta, next_moment = self._own_update(theta, moment, version, progress, landing)
-                next_share = worker_share(cfg, self.index, 0)
-                next_result, adapt_s = self._adapt(loop, next_theta, next_moment, version + 1, next_share)
+                rng = self._rng_state()
+                next_result, adapt_s = self._adapt(loop, next_theta, next_moment, version + 1,
+                                                   worker_share(cfg, self.index, 0), crash_check=False)
                 if next_result is None:
                     break
                 busy += adapt_s
-                ready = (version + 1, next_theta, next_moment, next_result)
+                ready = (version + 1, next_theta, next_moment, next_result, rng)
             elif cfg.mode == "sync":
                 with self._learner_lock:  # a family need not be safe to draw from in two loops at once
                     t0 = time.perf_counter()
@@ -192,22 +209,26 @@ class AdaptWorker(Workspace):
                 # latency: the round trip less the PS's wait for the next version and the worker's own
                 # drawing meanwhile (at least the time blocked); looking ahead, the time blocked
                 now = time.perf_counter()
-                latency = now - waited if ahead or ready is not None else max(now - waited, now - sent - got[3] - drew)
+                latency = now - waited if prefetch or ready is not None else max(now - waited, now - sent - got[3] - drew)
                 self._pushes.append((sent_wall, latency, 0 if payload is None else payload.nbytes,
                                      pulled.nbytes + (0 if carried is None else carried["sq"].nbytes)))
+        if ready is not None:  # a guess never taken (the run ended elsewhere, or a newer loop took over)
+            self._set_rng_state(ready[4])
         if in_flight is not None:
             ray.get(in_flight[0])  # the last push's errors surface here, as any other push's
         latencies = [entry[1] for entry in self._pushes]
         return {"worker": self.index, "tasks": adapted, "busy_s": busy,
-                "adapted_ahead": ahead_used, "adapted_ahead_again": ahead_redone,
+                "adapted_ahead": guessed_right, "adapted_ahead_again": guessed_wrong,
                 "push_latency_median_s": float(np.median(latencies)) if latencies else math.nan,
                 "push_latency_p95_s": float(np.percentile(latencies, 95)) if latencies else math.nan}
 
     def _adapt(self, loop: int, theta: torch.Tensor, moment: InnerMoment | None, version: int, share: list[int],
-               tasks=None) -> tuple[DeltaSum | None, float]:
+               tasks=None, crash_check: bool = True) -> tuple[DeltaSum | None, float]:
         """The share adapted from theta at `version` (its tasks, when drawn already), and the
-        seconds it took; None when a newer run() loop owns the learner."""
-        self._crash_if_planned(version, share)
+        seconds it took; None when a newer run() loop owns the learner. `crash_check`: False for
+        a guess, checked when it is taken."""
+        if crash_check:
+            self._crash_if_planned(version, share)
         with self._learner_lock:
             if loop != self._loop:
                 return None, 0.0
@@ -230,18 +251,32 @@ class AdaptWorker(Workspace):
             outer.apply_sum(total, self.cfg.meta_step_size_at(version))
         return outer.theta, outer.inner_moment
 
+    def _ends_run(self, version: int, progress: float, tasks: int) -> bool:
+        """Whether a push of `tasks` tasks from `version` (`progress` meta-steps done) completes
+        the run, when no other worker pushes (Aggregator.done)."""
+        if self.cfg.mode == "async":
+            return round(progress * self.cfg.meta_batch_size) + tasks >= self.cfg.meta_iters * self.cfg.meta_batch_size
+        return version + 1 >= self.cfg.meta_iters
+
+    def _rng_state(self) -> tuple:
+        return torch.random.get_rng_state(), torch.cuda.get_rng_state() if self.device == "cuda" else None
+
+    def _set_rng_state(self, state: tuple) -> None:
+        torch.random.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1])
+
     def _look_ahead(self, theta: torch.Tensor, moment: InnerMoment | None, version: int, progress: float,
                     pending: DeltaSum | None) -> tuple[torch.Tensor, InnerMoment | None, int]:
-        """theta (at `version`, `progress` meta-steps done) after the PS applies this worker's
-        `pending` push as a fresh push (staleness 0, weight 1), as Aggregator._push_async does; with
-        one worker exactly the theta the PS answers that push with (the same `apply_async_push`). With several, the PS may weigh
-        or drop it otherwise; its next answer corrects that. None (a rejected push): theta as it is."""
+        """prefetch: theta (at `version`, `progress` meta-steps done) after the PS applies this
+        worker's `pending` push as a fresh push (staleness 0, weight 1), as Aggregator._push_async
+        does; with one worker exactly the theta the PS answers that push with. With several, the PS
+        may weigh or drop it otherwise; its next answer corrects that. None (a rejected push):
+        theta as it is."""
         if pending is None:
             return theta, moment, version
-        outer = OuterOptimizer.for_config(self.cfg, theta)
-        outer.inner_moment = moment
-        apply_async_push(outer, self.cfg, pending, progress)
-        return outer.theta, outer.inner_moment, version + 1
+        theta, moment = self._own_update(theta, moment, version, progress, pending)
+        return theta, moment, version + 1
 
     def push_log(self) -> list[tuple[float, float, int, int]]:
         """(wall time sent, latency s, bytes pushed, bytes pulled) of the newest pushes (the encoded sum, and
