@@ -18,12 +18,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/reptile-dist train --config sine --backend ray --workers 2 --mode sync --out runs/sine-$$(date +%Y%m%d-%H%M%S)
 
+# Two pytest processes (pytest-xdist), each with its own local Ray cluster: most slow tests wait on
+# Ray's start-up, not on a core. Each process starts on half the tests and takes over the
+# other's when it runs out (worksteal), so a few long tests do not leave a core idle at the end.
+TEST_PROCESSES ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal
 
 # Everything but the tests marked slow (see pyproject.toml); `make test` (CI) runs those too.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

@@ -121,34 +121,47 @@ def adapt(trained: str | nn.Module, support_x: torch.Tensor, support_y: torch.Te
 
 def evaluate(checkpoint: str, tasks: int | Iterable[Task] | None = None, *, split: str = "test",
              transductive: bool | None = None, family: Factory | None = None, model: Factory | None = None,
-             overrides: dict[str, Any] | None = None, device: str | None = None) -> dict[str, float]:
+             overrides: dict[str, Any] | None = None, device: str | None = None, workers: int = 1,
+             address: str | None = None) -> dict[str, float]:
     """Adapt a final.pt to held-out tasks and score them, as training's final evaluation does:
     mean accuracy (classification, each query beside the support set) and transductive accuracy
     (all queries in one batch) with 95% CIs, or the query loss (regression).
 
     `tasks`: how many tasks of `split` the run's family draws (default the config's eval_tasks),
     or your own Task objects. `transductive`: None scores both ways; True or False only that one
-    (non-transductive is the slower). `overrides`: config changes (e.g. {"data": ...})."""
+    (non-transductive is the slower). `overrides`: config changes (e.g. {"data": ...}).
+    `workers` > 1 or an `address`: the drawn tasks are scored in shards by that many Ray actors (a
+    local cluster started for it, or the one at `address`), with the same result as one process."""
     pretrained = _load(checkpoint, model, device, overrides)
     cfg = pretrained.cfg
     if split not in EVAL_STREAMS:
         raise ConfigError(f"split={split!r} is not one of {', '.join(EVAL_STREAMS)}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers={workers!r} is out of range (must be an integer >= 1)")
     threads = set_torch_threads(cfg)
     try:
-        return _evaluate(pretrained, cfg, tasks, split, transductive, family, model)
+        return _evaluate(pretrained, cfg, tasks, split, transductive, family, model, workers, address)
     finally:
         torch.set_num_threads(threads)
 
 
 def _evaluate(pretrained: Pretrained, cfg: Config, tasks, split: str, transductive: bool | None,
-              family: Factory | None, model: Factory | None) -> dict[str, float]:
+              family: Factory | None, model: Factory | None, workers: int, address: str | None) -> dict[str, float]:
     learner, theta = pretrained.learner, pretrained.theta
     moment = pretrained.moment if cfg.carries_inner_moment else None  # overrides may say inner_state=fresh
     if tasks is None or isinstance(tasks, int):
-        built = Plugins.of(cfg, family, model).build_family(cfg)
-        scores = score_tasks(learner, built, theta, cfg, split, range(cfg.eval_tasks if tasks is None else tasks),
-                             moment, transductive)
-        return summarize(scores)
+        count = cfg.eval_tasks if tasks is None else tasks
+        plugins = Plugins.of(cfg, family, model)
+        built = plugins.build_family(cfg)  # here first: a missing table or a bad plug-in is one line, not an actor's
+        if workers > 1 or address:
+            from reptile_dist.engine.sharded_eval import score_on_ray
+
+            return summarize(score_on_ray(cfg, plugins, theta.numpy(), moment, split, count, workers, address,
+                                          transductive))
+        return summarize(score_tasks(learner, built, theta, cfg, split, range(count), moment, transductive))
+    if workers > 1 or address:
+        raise ConfigError("workers and address shard the tasks a family draws; your own Task objects are scored "
+                          "in this process")
     scores = TaskScores([], [], [])
     for i, task in enumerate(tasks):
         check_task(task, cfg.family, f"task {i}")

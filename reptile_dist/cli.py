@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
     ev.add_argument("--data", help="prepared image table (default: the checkpoint config's `data`)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--workers", type=int, default=1,
+                    help="Ray actors scoring the tasks in shards (default 1: this process, no Ray); the result is "
+                         "the same")
+    ev.add_argument("--address", help="join this Ray cluster (`auto`: the one on this machine) to score the shards")
 
     data = sub.add_parser("data", help="prepare data sets")
     data_sub = data.add_subparsers(dest="dataset", required=True)
@@ -164,7 +168,8 @@ def cmd_eval(args) -> int:
     if args.tasks:
         overrides["eval_tasks"] = args.tasks
     # Carried inner state: tasks start from the estimate training left (`--set inner_state=fresh`: from zero).
-    result = evaluate(args.checkpoint, split=args.split, overrides=overrides)
+    result = evaluate(args.checkpoint, split=args.split, overrides=overrides, workers=args.workers,
+                      address=args.address)
     print(f"{args.split}: {headline(result, 'classification' if 'accuracy' in result else 'regression')}")
     print(json.dumps(result))
     return 0

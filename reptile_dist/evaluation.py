@@ -49,6 +49,13 @@ def combine_scores(parts: Iterable[TaskScores | None]) -> TaskScores:
     return total
 
 
+def shard_bounds(tasks: int, shards: int) -> list[tuple[int, int]]:
+    """Tasks 0..tasks-1 cut into up to `shards` contiguous, non-empty [lo, hi) ranges of near-equal
+    size (tasks are seeded by index, so the shards' scores, combined in order, equal one process's)."""
+    bounds = np.linspace(0, tasks, shards + 1).astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
 def mean_ci95(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% normal confidence interval."""
     a = np.asarray(values, dtype=np.float64)

@@ -1,7 +1,11 @@
+import json
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
+from conftest import tiny
 from reptile_dist.config import Config
 from reptile_dist.evaluation import mean_ci95, score_tasks
 from reptile_dist.models import OmniglotConv
@@ -69,3 +73,37 @@ def test_confidence_interval_is_the_normal_95_percent_half_width():
     mean, ci = mean_ci95(values)
     assert mean == 0.5
     assert abs(ci - 1.96 * np.std(values, ddof=1) / 10) < 1e-12
+
+
+@pytest.fixture(scope="module")
+def small_final(tmp_path_factory):
+    """A final.pt of a short carried-state run (its evaluation starts from the kept estimate)."""
+    from reptile_dist.local import train_local
+
+    out = tmp_path_factory.mktemp("evaluated") / "run"
+    train_local(tiny("synthetic", meta_iters=3, inner_state="carried"), str(out), progress=False, say=lambda m: None)
+    return str(out / "final.pt")
+
+
+@pytest.mark.slow  # starts Ray actors
+def test_an_evaluation_sharded_over_ray_actors_equals_the_one_process_evaluation(ray_local, small_final, capsys):
+    from reptile_dist.api import evaluate
+    from reptile_dist.cli import main
+
+    one = evaluate(small_final, tasks=7)
+    assert main(["eval", "--checkpoint", small_final, "--tasks", "7", "--workers", "3"]) == 0
+    sharded = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert one["tasks"] == 7 and len({one["accuracy"], one["transductive_accuracy"]}) == 2  # scored both ways
+    assert sharded == one  # task for task: shards 0-2, 2-4 and 4-7, combined in order
+    transductive_only = evaluate(small_final, tasks=5, transductive=True, workers=2)
+    assert transductive_only == evaluate(small_final, tasks=5, transductive=True)
+    assert "accuracy" not in transductive_only and transductive_only["transductive_accuracy"] >= 0
+
+
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_an_evaluation_with_no_workers_is_one_line_and_exit_code_2(small_final, capsys, workers):
+    from reptile_dist.cli import main
+
+    assert main(["eval", "--checkpoint", small_final, "--workers", workers]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"workers={workers}" in err

@@ -76,8 +76,10 @@ class Workspace:
         self.family = build_family(self.cfg, plugins)
         self.learner = make_learner(self.cfg, self.family, self.device, plugins)
 
-    def score(self, theta: np.ndarray, split: str, start: int, stop: int, moment: InnerMoment | None = None) -> TaskScores:
-        return score_tasks(self.learner, self.family, torch.tensor(theta), self.cfg, split, range(start, stop), moment)
+    def score(self, theta: np.ndarray, split: str, start: int, stop: int, moment: InnerMoment | None = None,
+              transductive: bool | None = None) -> TaskScores:
+        return score_tasks(self.learner, self.family, torch.tensor(theta), self.cfg, split, range(start, stop), moment,
+                           transductive)
 
     def evaluate(self, theta: np.ndarray, split: str, tasks: int, moment: InnerMoment | None = None) -> dict[str, float]:
         return summarize(self.score(theta, split, 0, tasks, moment))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from reptile_dist.config import Config
 from reptile_dist.engine.actors import EngineActors
 from reptile_dist.engine.cluster import run_on_cluster
-from reptile_dist.evaluation import combine_scores, headline, summarize
+from reptile_dist.evaluation import combine_scores, headline, shard_bounds, summarize
 from reptile_dist.plugins import Plugins
 from reptile_dist.reptile import InnerMoment
 from reptile_dist.training import (Cadence, RunFailed, RunSetup, Throughput, checkpoint_state, finish_run,
@@ -424,8 +424,7 @@ class EngineRun:
         whose actor died or stopped answering is scored again on an actor that answered, or on a
         restarted evaluator (tasks are seeded: the same scores)."""
         actors = [a for w, a in enumerate(self.workers) if w not in self.down] + [self.evaluator]
-        bounds = np.linspace(0, tasks, len(actors) + 1).astype(int)
-        shards = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        shards = shard_bounds(tasks, len(actors))
         theta_ref = ray.put(theta)
         parts = {}
         for _ in range(FINAL_EVAL_ATTEMPTS):
