@@ -19,16 +19,17 @@ run: $(STAMP)
 	$(BIN)/reptile-dist train --config sine --backend ray --workers 2 --mode sync --out runs/sine-$$(date +%Y%m%d-%H%M%S)
 
 # Two pytest processes (pytest-xdist), each with its own local Ray cluster: most slow tests wait on
-# Ray's start-up, not on a core. Each process starts on half the tests and takes over the
-# other's when it runs out (worksteal), so a few long tests do not leave a core idle at the end.
+# Ray's start-up, not on a core. Tests go to whichever process is free; those marked with one
+# xdist_group (the two-node cluster's) stay together, so their module fixture starts once.
 TEST_PROCESSES ?= 2
+PYTEST_PARALLEL := -n $(TEST_PROCESSES) --dist loadgroup
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 # Everything but the tests marked slow (see pyproject.toml); `make test` (CI) runs those too.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

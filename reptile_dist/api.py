@@ -131,7 +131,8 @@ def evaluate(checkpoint: str, tasks: int | Iterable[Task] | None = None, *, spli
     or your own Task objects. `transductive`: None scores both ways; True or False only that one
     (non-transductive is the slower). `overrides`: config changes (e.g. {"data": ...}).
     `workers` > 1 or an `address`: the drawn tasks are scored in shards by that many Ray actors (a
-    local cluster started for it, or the one at `address`), with the same result as one process."""
+    local cluster started for it, or the one at `address`), with the same result as one process
+    (on the same kind of device; a network with dropout draws differently)."""
     pretrained = _load(checkpoint, model, device, overrides)
     cfg = pretrained.cfg
     if split not in EVAL_STREAMS:
@@ -156,8 +157,8 @@ def _evaluate(pretrained: Pretrained, cfg: Config, tasks, split: str, transducti
         if workers > 1 or address:
             from reptile_dist.engine.sharded_eval import score_on_ray
 
-            return summarize(score_on_ray(cfg, plugins, theta.numpy(), moment, split, count, workers, address,
-                                          transductive))
+            return summarize(score_on_ray(cfg, plugins, theta.cpu().numpy(), moment, split, count, workers, address,
+                                          transductive, on_gpus=theta.device.type == "cuda"))
         return summarize(score_tasks(learner, built, theta, cfg, split, range(count), moment, transductive))
     if workers > 1 or address:
         raise ConfigError("workers and address shard the tasks a family draws; your own Task objects are scored "

@@ -22,7 +22,9 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow  # brings up a two-node cluster and submits a job to it
+# Brings up a two-node cluster and submits a job to it. One xdist group: under `make test` (two
+# pytest processes, --dist loadgroup) every test here runs in the process that set the cluster up.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("two-node-cluster")]
 
 LOCAL_SH = REPO / "cluster" / "local.sh"
 BIN = Path(sys.executable).parent  # local.sh uses the ray of .venv too, and puts it first on PATH
