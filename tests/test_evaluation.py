@@ -107,3 +107,19 @@ def test_an_evaluation_with_no_workers_is_one_line_and_exit_code_2(small_final, 
     assert main(["eval", "--checkpoint", small_final, "--workers", workers]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"workers={workers}" in err
+
+
+@pytest.mark.slow  # starts Ray actors, one of them killed
+def test_a_shard_whose_actor_dies_is_scored_again_with_the_same_result(ray_local, small_final, capsys):
+    import ray
+
+    from conftest import in_thread, named_actor
+    from reptile_dist.api import evaluate
+    from reptile_dist.engine.sharded_eval import ACTOR_PREFIX
+
+    thread, outcome = in_thread(lambda: evaluate(small_final, tasks=12, workers=2))
+    ray.kill(named_actor(ACTOR_PREFIX))  # named as it is created, long before it has started
+    thread.join(timeout=300)
+    assert "value" in outcome, outcome
+    assert "evaluation tasks were lost with their actor; scoring them again" in capsys.readouterr().err
+    assert outcome["value"] == evaluate(small_final, tasks=12)
