@@ -221,3 +221,30 @@ def test_the_kept_in_progress_runs_checkpoint_is_the_manifests_last_stretch_and_
         assert [s["to_step"] for s in run["stretches"][:-1]] == [s["from_step"] for s in run["stretches"][1:]]
         cfg = load_config(str(folder / "config.yaml"))
         assert state["config_identity"] == config_identity(cfg) and cfg.meta_iters == run["meta_iters"]
+    # no run folder is left behind that the manifest has forgotten (a finished run moves to records/)
+    assert {p.name for p in kept.iterdir() if p.is_dir()} == {run["run"] for run in json.loads((kept / "manifest.json").read_text())}
+
+
+def test_a_finished_long_runs_record_covers_its_schedule_and_matches_the_shipped_models_entry():
+    """pretrained/records/ keeps a finished long run: its stretches join up from 0 to meta_iters,
+    and the shipped model's manifest entry states the run's own final evaluation and wall time."""
+    from pathlib import Path
+
+    from reptile_dist.config import load_config
+
+    pretrained = Path(__file__).resolve().parents[1] / "pretrained"
+    shipped = {entry.get("record"): entry for entry in json.loads((pretrained / "manifest.json").read_text())}
+    for run in json.loads((pretrained / "records" / "manifest.json").read_text()):
+        folder = pretrained / "records" / run["run"]
+        stretches = run["stretches"]
+        assert stretches[0]["from_step"] == 0 and stretches[-1]["to_step"] == run["meta_iters"]
+        assert [s["to_step"] for s in stretches[:-1]] == [s["from_step"] for s in stretches[1:]]
+        assert load_config(str(folder / "config.yaml")).meta_iters == run["meta_iters"]
+        summary = json.loads((folder / "summary.json").read_text())
+        entry = shipped[f"records/{run['run']}"]
+        assert summary["meta_iters"] == entry["meta_iters"] == run["meta_iters"]
+        assert round(100 * summary["test_accuracy"], 2) == entry["test_accuracy"]
+        assert round(100 * summary["test_ci95"], 2) == entry["test_ci95"]
+        assert round(100 * summary["test_transductive_accuracy"], 2) == entry["test_transductive_accuracy"]
+        assert summary["eval_tasks"] == entry["eval_tasks"]
+        assert sum(s["wall_s"] for s in stretches) == entry["train_wall_s"]
