@@ -105,16 +105,54 @@ def test_search_optuna_refuses_a_grid_and_names_its_field(tmp_path, monkeypatch)
         load_sweep(write_sweep(tmp_path, search="optuna"))
 
 
+CASES = {"small": {"meta_batch_size": 2}, "nesterov": {"meta_batch_size": 5, "outer_optimizer": "nesterov",
+                                                     "outer_momentum": 0.5, "meta_step_size": 0.2}}
+
+
+def test_named_cases_set_their_fields_together_and_count_like_a_grid(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, space={"cases": CASES, "inner_steps": {"grid": [1, 2]}},
+                                  budget={"unit": "tasks", "meta_iters": 100, "report_every": 50}))
+    assert spec.num_trials() == 4 and sorted(spec.param_space()["cases"]["grid_search"]) == ["nesterov", "small"]
+    cfg = spec.trial_config({"cases": "nesterov", "inner_steps": 2})
+    assert (cfg.outer_optimizer, cfg.outer_momentum, cfg.meta_step_size, cfg.inner_steps) == ("nesterov", 0.5, 0.2, 2)
+    assert (cfg.meta_batch_size, cfg.meta_iters) == (5, 20)  # the task budget in the case's meta-batch
+    small = spec.trial_config({"cases": "small", "inner_steps": 1})
+    assert (small.outer_optimizer, small.meta_step_size, small.meta_batch_size, small.meta_iters) == (
+        spec.base.outer_optimizer, spec.base.meta_step_size, 2, 50)
+    assert spec.mutations() == {}  # cases, like grids, are never perturbed
+
+
+@pytest.mark.parametrize("cases, message", [
+    ({"a": {"inner_stepz": 1}}, r"space\.cases\.a: unknown config field 'inner_stepz'"),
+    ({"a": {"workers": 2}}, r"space\.cases\.a\.workers: set by the sweep itself"),
+    ({"a": {"meta_step_size": 0.5}}, r"space\.cases\.a\.meta_step_size: also searched in space\.meta_step_size"),
+    ({"a": {"outer_optimizer": "lion"}}, r"space\.cases\.a: .*outer_optimizer"),
+    ({"a": {}}, r"space\.cases\.a: expected a mapping of config fields"),
+    ([{"outer_optimizer": "sgd"}], r"space\.cases: expected a mapping of case names"),
+])
+def test_bad_cases_fail_before_any_trial_naming_the_case(tmp_path, cases, message):
+    with pytest.raises(SweepError, match=message):
+        load_sweep(write_sweep(tmp_path, space={"cases": cases, "meta_step_size": {"grid": [0.1, 1.0]}}))
+
+
 @pytest.mark.slow  # two Tune trials
-def test_a_task_budget_sweep_reports_tasks_and_runs_each_meta_batch_to_the_same_tasks(ray_local, tmp_path):
+def test_a_task_budget_sweep_of_cases_runs_each_to_the_same_tasks_and_writes_its_curves(ray_local, tmp_path):
     from reptile_dist.sweep.runner import run_sweep
 
-    sweep = write_sweep(tmp_path, space={"meta_batch_size": {"grid": [2, 5]}},
-                        scheduler={"name": "asha", "grace_period": 60},
+    sweep = write_sweep(tmp_path, space={"cases": CASES}, scheduler={"name": "asha", "grace_period": 60},
                         budget={"unit": "tasks", "meta_iters": 100, "report_every": 50, "max_concurrent_trials": 2})
-    rows = run_sweep(load_sweep(sweep), str(tmp_path / "sweep"), verbose=0)["rows"]
-    assert sorted((r["meta_batch_size"], r["meta_step"], r["tasks"], r["status"]) for r in rows) == [
-        (2, 50, 100, "completed"), (5, 20, 100, "completed")]
+    result = run_sweep(load_sweep(sweep), str(tmp_path / "sweep"), verbose=0)
+    rows = result["rows"]
+    assert sorted((r["cases"], r["meta_step"], r["tasks"], r["status"]) for r in rows) == [
+        ("nesterov", 20, 100, "completed"), ("small", 50, 100, "completed")]
+    curves = pq.read_table(tmp_path / "sweep" / "curves.parquet").to_pylist()
+    assert sorted((c["cases"], c["tasks"], c["meta_step"]) for c in curves) == [
+        ("nesterov", 50, 10, ), ("nesterov", 100, 20), ("small", 50, 25), ("small", 100, 50)]
+    for c in curves:  # the reports as Tune received them, finished trials' last ones in the results
+        assert c["eval_loss"] > 0 and c["eval_loss_ci95"] > 0 and c["trial_id"] in {r["trial_id"] for r in rows}
+    last = {c["trial_id"]: c["eval_loss"] for c in curves if c["tasks"] == 100}
+    assert last == {r["trial_id"]: r["eval_loss"] for r in rows}
+    assert (tmp_path / "sweep" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow  # four Tune trials and a training run

@@ -3,6 +3,9 @@
     <out>/<name>/       the Tune experiment (per-trial result.json, progress.csv, TensorBoard
                         events, checkpoints; PBT's pbt_policy_*.txt)
     <out>/results.parquet   one row per trial, sorted by the metric
+    <out>/curves.parquet    one row per report of every trial (tasks, meta-step, the metric and
+                        its 95% interval, training loss), and curves.png: the metric against
+                        tasks adapted, a line per trial
     <out>/best.yaml     the best trial's configuration (+ the sweep's `best.set`), for
                         `reptile-dist train --config <out>/best.yaml`
 """
@@ -62,6 +65,12 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None, resume: boo
     buf = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), buf)
     folder.write_bytes("results.parquet", buf.getvalue().to_pybytes())
+    curves = curves_table(spec, grid, rows)
+    if curves:
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(curves), buf)
+        folder.write_bytes("curves.parquet", buf.getvalue().to_pybytes())
+        folder.write_bytes("curves.png", plot_curves(spec, curves))
     say(summary_text(spec, rows))
     if len(rows) < spec.num_trials() or any(r["status"] == "unfinished" for r in rows):
         finished = sum(r["status"] != "unfinished" for r in rows)
@@ -144,6 +153,55 @@ def results_table(spec: SweepSpec, grid) -> list[dict[str, Any]]:
         return (row["status"] == "error" or math.isnan(value), sign * value if not math.isnan(value) else 0.0)
 
     return sorted(rows, key=key)
+
+
+def curves_table(spec: SweepSpec, grid, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every report of every trial, in order: the learning curves of the sweep."""
+    by_path = {r["path"]: r for r in rows}
+    names = [d.field for d in spec.space]
+    curves = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        row = by_path.get(result.path)
+        if frame is None or row is None or spec.metric not in frame:
+            continue
+        ci = f"{spec.metric}_ci95"
+        for report in frame.to_dict("records"):
+            if report.get("meta_step") is None or not math.isfinite(float(report.get(spec.metric, math.nan))):
+                continue
+            curves.append({"trial_id": row["trial_id"], **{n: row[n] for n in names},
+                           "tasks": int(report["tasks"]), "meta_step": int(report["meta_step"]),
+                           spec.metric: float(report[spec.metric]),
+                           ci: float(report[ci]) if report.get(ci) is not None else math.nan,
+                           "train_loss": float(report.get("train_loss", math.nan))})
+    return curves
+
+
+def plot_curves(spec: SweepSpec, curves: list[dict[str, Any]]) -> bytes:
+    """PNG: the metric (with its 95% interval where reported) against tasks adapted, a line per trial."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ci = f"{spec.metric}_ci95"
+    for trial in dict.fromkeys(c["trial_id"] for c in curves):
+        points = sorted((c for c in curves if c["trial_id"] == trial), key=lambda c: c["tasks"])
+        xs, ys = [c["tasks"] for c in points], [c[spec.metric] for c in points]
+        line = ax.plot(xs, ys, "o-", ms=3, label=f"{trial}: {_params_text(spec, points[0])}")[0]
+        if all(math.isfinite(c[ci]) for c in points):
+            ax.fill_between(xs, [y - c[ci] for y, c in zip(ys, points)], [y + c[ci] for y, c in zip(ys, points)],
+                            color=line.get_color(), alpha=0.15, lw=0)
+    ax.set(xlabel="meta-training tasks adapted", ylabel=spec.metric, title=f"sweep {spec.name}: {spec.metric} on validation tasks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
 
 
 def summary_text(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:

@@ -15,6 +15,14 @@ out of the field's range or a metric the periodic evaluation does not produce is
     budget: {num_samples: 8, meta_iters: 800, report_every: 100, max_concurrent_trials: 2}
     best: {set: {meta_iters: 3000}}               # written into the best configuration
 
+`space: cases:` names whole recipes, tried like a grid (each case in every sample), for fields
+that only make sense together (a Nesterov step size beside the paper's SGD one):
+
+    space:
+      cases:
+        paper: {outer_optimizer: sgd, meta_step_size: 1.0}
+        diloco: {outer_optimizer: nesterov, outer_momentum: 0.9, meta_step_size: 0.7}
+
 With `budget: {unit: tasks}` the budget's meta_iters and report_every, and ASHA's grace_period,
 count meta-training tasks instead of meta-steps: a trial runs meta_iters // meta_batch_size
 meta-steps, so trials with different meta-batch sizes get the same number of tasks, and ASHA
@@ -36,6 +44,7 @@ from reptile_dist.errors import UserError
 from reptile_dist.sweep.placement import trial_bundles
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
+CASES = "cases"  # space key for named recipes: {case name: {config field: value}}
 SCHEDULERS = ("asha", "pbt")
 SEARCHES = ("random", "optuna")
 # Fields a search space may not name: the budget and the reports set the first four, the rest
@@ -56,8 +65,14 @@ class Dimension:
     """One searched config field and its distribution."""
 
     field: str
-    kind: str  # one of DISTRIBUTIONS
-    values: tuple  # choice/grid: the values; uniform/loguniform: (low, high)
+    kind: str  # one of DISTRIBUTIONS, or "cases" (field CASES)
+    values: tuple  # choice/grid: the values; uniform/loguniform: (low, high); cases: the case names
+    cases: tuple = ()  # cases: (name, {field: value}) pairs
+
+    @property
+    def is_grid(self) -> bool:
+        """Tried exhaustively (every value in every sample), never sampled or perturbed."""
+        return self.kind in ("grid", CASES)
 
     @property
     def is_int(self) -> bool:
@@ -68,7 +83,7 @@ class Dimension:
 
         if self.kind == "choice":
             return tune.choice(list(self.values))
-        if self.kind == "grid":
+        if self.is_grid:
             return tune.grid_search(list(self.values))
         low, high = self.values
         if self.is_int:  # inclusive integer ranges
@@ -105,12 +120,19 @@ class SweepSpec:
     def mutations(self) -> dict[str, Any]:
         """PBT's hyperparam_mutations: choices move to a neighbouring value, ranges are resampled
         or scaled by 0.8 / 1.2; grid fields stay fixed."""
-        return {d.field: list(d.values) if d.kind == "choice" else d.tune_domain() for d in self.space if d.kind != "grid"}
+        return {d.field: list(d.values) if d.kind == "choice" else d.tune_domain() for d in self.space if not d.is_grid}
+
+    def case(self, name: str) -> dict[str, Any]:
+        """The config fields a named case sets."""
+        dim = next(d for d in self.space if d.kind == CASES)
+        return dict(dim.cases)[name]
 
     def trial_config(self, params: dict[str, Any]) -> Config:
-        """The configuration one trial runs: base + its searched values (PBT may perturb an
-        integer field into a float, so values are cast to the field's type)."""
-        cfg = self.base.replace(**{k: cast(k, v) for k, v in params.items()})
+        """The configuration one trial runs: base + its case's fields + its searched values (PBT may
+        perturb an integer field into a float, so values are cast to the field's type)."""
+        params = dict(params)
+        case = self.case(params.pop(CASES)) if CASES in params else {}
+        cfg = self.base.replace(**case, **{k: cast(k, v) for k, v in params.items()})
         return in_meta_steps(cfg, self.meta_iters, self.report_every, self.unit)
 
     def best_config(self, params: dict[str, Any]) -> Config:
@@ -118,7 +140,7 @@ class SweepSpec:
 
     def num_trials(self) -> int:
         """num_samples times every grid's length (Tune repeats the grid per sample)."""
-        return self.num_samples * math.prod(len(d.values) for d in self.space if d.kind == "grid")
+        return self.num_samples * math.prod(len(d.values) for d in self.space if d.is_grid)
 
     def placement_cpus(self, cluster_has_gpus: bool) -> float:
         """Logical CPUs one trial's placement group asks for at most over the search space."""
@@ -152,6 +174,8 @@ def cast(name: str, value: Any) -> Any:
     """A sampled value as the field's type (Tune's samplers give numpy scalars; PBT multiplies)."""
     if hasattr(value, "item"):
         value = value.item()
+    if name == CASES:
+        return value
     kind = FIELDS[name].type
     if kind == "int" and isinstance(value, float):
         return int(round(value))
@@ -195,7 +219,9 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
     space = _space(_mapping(data, "space"), base)
     if unit == "tasks":
         batch = next((d for d in space if d.field == "meta_batch_size"), None)
-        for size in (batch.values if batch is not None else (base.meta_batch_size,)):
+        sizes = set(batch.values if batch is not None else (base.meta_batch_size,))
+        sizes |= {case["meta_batch_size"] for d in space for _, case in d.cases if "meta_batch_size" in case}
+        for size in sorted(sizes):
             in_meta_steps(base.replace(meta_batch_size=size), meta_iters, report_every, unit)
 
     metric, mode = _metric(data, base, _family_kind(base))
@@ -205,9 +231,9 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
     if search == "optuna":
         if importlib.util.find_spec("optuna") is None:
             raise SweepError("search: optuna is not installed (pip install 'reptile-dist[tune]')")
-        grids = [d.field for d in space if d.kind == "grid"]
+        grids = [d for d in space if d.is_grid]
         if grids:
-            raise SweepError(f"space.{grids[0]}: grid is not supported with search: optuna (use choice)")
+            raise SweepError(f"space.{grids[0].field}: {grids[0].kind} is not supported with search: optuna (use choice)")
 
     scheduler, options = _scheduler(data.get("scheduler") or {"name": "asha"}, meta_iters, report_every, space)
     if unit == "tasks" and scheduler != "asha":
@@ -294,6 +320,9 @@ def _space(space: dict[str, Any], base: Config) -> tuple[Dimension, ...]:
     dims = []
     for name, dist in space.items():
         where = f"space.{name}"
+        if name == CASES:
+            dims.append(_cases(dist, base, set(space) - {CASES}))
+            continue
         if name not in FIELDS:
             raise SweepError(f"{where}: unknown config field '{name}'")
         if name in SWEEP_OWNED:
@@ -315,6 +344,34 @@ def _space(space: dict[str, Any], base: Config) -> tuple[Dimension, ...]:
                 raise SweepError(f"{where}: {exc}") from None
         dims.append(Dimension(name, kind, tuple(cast(name, v) for v in values)))
     return tuple(dims)
+
+
+def _cases(cases: Any, base: Config, searched: set[str]) -> Dimension:
+    """space.cases: {name: {field: value}}; every case a valid configuration, setting no field the
+    sweep owns, a trial's resources (its placement group is sized over the searched values) or a
+    field also searched on its own."""
+    if not isinstance(cases, dict) or not cases:
+        raise SweepError(f"space.{CASES}: expected a mapping of case names to config fields, got {cases!r}")
+    pairs = []
+    for name, fields in cases.items():
+        where = f"space.{CASES}.{name}"
+        if not isinstance(name, str) or not name:
+            raise SweepError(f"space.{CASES}: case names must be non-empty strings, got {name!r}")
+        if not isinstance(fields, dict) or not fields:
+            raise SweepError(f"{where}: expected a mapping of config fields, got {fields!r}")
+        for key in fields:
+            if key not in FIELDS:
+                raise SweepError(f"{where}: unknown config field '{key}'")
+            if key in SWEEP_OWNED or key in RESOURCE_FIELDS:
+                raise SweepError(f"{where}.{key}: set by the sweep itself (base or budget), not per case")
+            if key in searched:
+                raise SweepError(f"{where}.{key}: also searched in space.{key}; name it in one place")
+        try:
+            base.replace(**fields)
+        except ConfigError as exc:
+            raise SweepError(f"{where}: {exc}") from None
+        pairs.append((name, {k: cast(k, v) for k, v in fields.items()}))
+    return Dimension(CASES, CASES, tuple(name for name, _ in pairs), tuple(pairs))
 
 
 def _range(where: str, name: str, kind: str, values: list) -> list:
