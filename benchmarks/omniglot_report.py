@@ -5,6 +5,9 @@ pretrained/ show: the accuracy table against the paper, learning curves, pretrai
 
 Reads each run's summary.json (1-shot: the run's own final evaluation), the `reptile-dist eval`
 logs of the 5-shot evaluations of the same weights, and metrics.parquet (the periodic evaluations).
+Only the models whose run (and 5-shot log) is in --runs are reported; their manifest entries
+replace the entries of the same file, and every other entry stays as it is (a 20-way retrain
+leaves the shipped 5-way models' entries alone).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ MODELS = (
     ("omniglot-20w5s", "20w", "20w-5shot.log"),
     ("omniglot-20w1s-alphabet", "20w-alphabet", None),
 )
+RUN_NAMES = ("5w", "20w", "20w-alphabet")
 
 
 def result_of(runs: Path, run: str, log: str | None) -> dict:
@@ -85,14 +89,30 @@ def table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def present_models(runs: Path, only: tuple[str, ...] = RUN_NAMES) -> list[tuple[str, str, str | None]]:
+    """The MODELS of the runs named in `only` that finished in `runs` (with their 5-shot evaluation log)."""
+    return [(name, run, log) for name, run, log in MODELS
+            if run in only and (runs / run / "summary.json").exists() and (log is None or (runs / log).exists())]
+
+
+def merge_entries(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with each entry of the same file replaced by its `new` one, in place; new files last."""
+    fresh = {e["file"]: e for e in new}
+    merged = [fresh.pop(e["file"], e) for e in old]
+    return merged + list(fresh.values())
+
+
 def eval_rows(run_dir: Path) -> list[dict]:
     return [r for r in pq.read_table(run_dir / "metrics.parquet").to_pylist() if r.get("eval_accuracy") is not None]
 
 
-def plot_curves(runs: Path, path: Path, baseline: Path | None = None, baseline_label: str = "") -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for ax, run, title in zip(axes, ("5w", "20w", "20w-alphabet"),
-                              ("5-way 1-shot (paper split)", "20-way 1-shot (paper split)", "20-way 1-shot (alphabet split)")):
+def plot_curves(runs: Path, path: Path, baseline: Path | None = None, baseline_label: str = "",
+                only: tuple[str, ...] = RUN_NAMES) -> None:
+    panels = [(run, title) for run, title in (("5w", "5-way 1-shot (paper split)"), ("20w", "20-way 1-shot (paper split)"),
+                                              ("20w-alphabet", "20-way 1-shot (alphabet split)"))
+              if run in only and (runs / run / "metrics.parquet").exists()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(14 * len(panels) / 3, 3.8), squeeze=False)
+    for ax, (run, title) in zip(axes[0], panels):
         rows = eval_rows(runs / run)
         steps = [r["step"] for r in rows]
         if baseline is not None and (baseline / run / "metrics.parquet").exists():
@@ -121,12 +141,20 @@ def main() -> None:
                         help="how the runs were made, recorded in the manifest")
     parser.add_argument("--baseline", help="runs folder of an earlier reproduction, drawn dashed for comparison")
     parser.add_argument("--baseline-label", default="earlier runs")
+    parser.add_argument("--only", nargs="+", choices=RUN_NAMES, default=RUN_NAMES,
+                        help="report only these runs' models; the manifest keeps every other entry")
     args = parser.parse_args()
     runs = Path(args.runs)
+    models = present_models(runs, tuple(args.only))
+    if not models:
+        raise SystemExit(f"{runs}: no finished run of {', '.join(args.only)} (with summary.json) to report")
     entries = [manifest_entry(name, runs, run, log, result_of(runs, run, log), args.train_command)
-               for name, run, log in MODELS]
-    Path(args.manifest).write_text(json.dumps(entries, indent=2) + "\n")
-    plot_curves(runs, Path(args.figure), Path(args.baseline) if args.baseline else None, args.baseline_label)
+               for name, run, log in models]
+    manifest = Path(args.manifest)
+    old = json.loads(manifest.read_text()) if manifest.exists() else []
+    manifest.write_text(json.dumps(merge_entries(old, entries), indent=2) + "\n")
+    plot_curves(runs, Path(args.figure), Path(args.baseline) if args.baseline else None, args.baseline_label,
+                tuple(r for _, r, _ in models))
     print(table(entries))
 
 

@@ -10,6 +10,9 @@
 # run per way count serves both shot counts. ITERS_5W / ITERS_20W shorten the paper's 100k / 200k
 # meta-iterations to what the machine allows; the step size still anneals linearly to 0 over them.
 # An interrupted run continues with the same command (it passes --resume when a run exists).
+# RUNS picks the runs (default all three: 5w 20w 20w-alphabet); `publish` exports and records only
+# the models of the runs it names, and keeps every other entry of pretrained/manifest.json:
+#   RUNS="20w 20w-alphabet" ITERS_20W=40000 bash benchmarks/reproduce_omniglot.sh train
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -18,6 +21,8 @@ ITERS_5W=${ITERS_5W:-100000}
 ITERS_20W=${ITERS_20W:-200000}
 EVAL_TASKS=${EVAL_TASKS:-10000}
 BACKEND=${BACKEND:---backend local --set torch_threads=1}
+RUNS=${RUNS:-5w 20w 20w-alphabet}
+wanted() { [[ " $RUNS " == *" $1 "* ]]; }
 
 train_one() {  # name preset iters extra-args...
     local name=$1 preset=$2 iters=$3; shift 3
@@ -31,26 +36,40 @@ train_one() {  # name preset iters extra-args...
 case "${1:-}" in
 train)
     mkdir -p "$OUT"
-    train_one 5w omniglot-5w1s "$ITERS_5W" --set eval_every=1000 &
-    train_one 20w omniglot-20w1s "$ITERS_20W" --set eval_every=500 &
-    train_one 20w-alphabet omniglot-20w1s "$ITERS_20W" --set eval_every=500 --set split=alphabet &
-    wait
+    pids=()
+    if wanted 5w; then train_one 5w omniglot-5w1s "$ITERS_5W" --set eval_every=1000 & pids+=($!); fi
+    if wanted 20w; then train_one 20w omniglot-20w1s "$ITERS_20W" --set eval_every=500 & pids+=($!); fi
+    if wanted 20w-alphabet; then
+        train_one 20w-alphabet omniglot-20w1s "$ITERS_20W" --set eval_every=500 --set split=alphabet & pids+=($!)
+    fi
+    for pid in "${pids[@]}"; do wait "$pid"; done  # any run failing fails the script
     ;;
 eval)
     # 1-shot figures come from each run's summary.json; the 5-shot ones from the same weights.
     # Side by side, one thread each (the runs' torch_threads).
-    "$BIN/reptile-dist" eval --checkpoint "$OUT/5w/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/5w-5shot.log" & first=$!
-    "$BIN/reptile-dist" eval --checkpoint "$OUT/20w/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/20w-5shot.log" & second=$!
-    wait "$first"; wait "$second"  # either failing fails the script
+    pids=()
+    for run in 5w 20w; do
+        if wanted $run; then
+            "$BIN/reptile-dist" eval --checkpoint "$OUT/$run/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/$run-5shot.log" & pids+=($!)
+        fi
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done  # either failing fails the script
     ;;
 publish)
     for n in 5w1s:5w 5w5s:5w 20w1s:20w 20w5s:20w 20w1s-alphabet:20w-alphabet; do
         name=omniglot-${n%%:*} run=${n##*:} shots=""
-        [[ $name == *5s ]] && shots="--set shots=5"
+        wanted "$run" || continue
+        if [[ $name == *5s ]]; then
+            shots="--set shots=5"
+            # the 5-shot entry needs the 5-shot evaluation of the same weights
+            [ -f "$OUT/$run-5shot.log" ] || { echo "$OUT/$run-5shot.log missing: run 'eval' first" >&2; exit 2; }
+        fi
         "$BIN/reptile-dist" export --checkpoint "$OUT/$run/final.pt" --out "pretrained/$name.pt" $shots
     done
     # BASELINE=runs/other: an earlier reproduction drawn dashed in the learning curves.
-    "$BIN/python" benchmarks/omniglot_report.py --runs "$OUT" \
+    figure=docs/figures/omniglot_learning_curves.png  # a partial publish draws its own runs beside it
+    [ "$RUNS" = "5w 20w 20w-alphabet" ] || figure=docs/figures/omniglot_learning_curves-${RUNS// /-}.png
+    "$BIN/python" benchmarks/omniglot_report.py --runs "$OUT" --only $RUNS --figure "$figure" \
         ${BASELINE:+--baseline "$BASELINE" --baseline-label "${BASELINE_LABEL:-earlier runs}"} \
         --train-command "OUT=$OUT ITERS_5W=$ITERS_5W ITERS_20W=$ITERS_20W EVAL_TASKS=$EVAL_TASKS bash benchmarks/reproduce_omniglot.sh train"
     ;;
