@@ -22,7 +22,11 @@ ITERS_20W=${ITERS_20W:-200000}
 EVAL_TASKS=${EVAL_TASKS:-10000}
 BACKEND=${BACKEND:---backend local --set torch_threads=1}
 RUNS=${RUNS:-5w 20w 20w-alphabet}
+for run in $RUNS; do
+    case $run in 5w|20w|20w-alphabet) ;; *) echo "RUNS: unknown run '$run' (known: 5w 20w 20w-alphabet)" >&2; exit 2 ;; esac
+done
 wanted() { [[ " $RUNS " == *" $1 "* ]]; }
+wait_all() { local pid; for pid in "$@"; do wait "$pid"; done; }  # any one failing fails the script
 
 train_one() {  # name preset iters extra-args...
     local name=$1 preset=$2 iters=$3; shift 3
@@ -42,7 +46,7 @@ train)
     if wanted 20w-alphabet; then
         train_one 20w-alphabet omniglot-20w1s "$ITERS_20W" --set eval_every=500 --set split=alphabet & pids+=($!)
     fi
-    for pid in "${pids[@]}"; do wait "$pid"; done  # any run failing fails the script
+    wait_all ${pids[@]+"${pids[@]}"}
     ;;
 eval)
     # 1-shot figures come from each run's summary.json; the 5-shot ones from the same weights.
@@ -53,25 +57,31 @@ eval)
             "$BIN/reptile-dist" eval --checkpoint "$OUT/$run/final.pt" --tasks "$EVAL_TASKS" --set shots=5 > "$OUT/$run-5shot.log" & pids+=($!)
         fi
     done
-    for pid in "${pids[@]}"; do wait "$pid"; done  # either failing fails the script
+    wait_all ${pids[@]+"${pids[@]}"}
     ;;
 publish)
+    # Everything checked before any model is replaced: each run finished, and the 5-shot
+    # evaluation (5w, 20w) is of these weights (newer than final.pt).
+    for run in $RUNS; do
+        for f in final.pt summary.json; do
+            [ -f "$OUT/$run/$f" ] || { echo "$OUT/$run/$f missing: the run has not finished" >&2; exit 2; }
+        done
+        if [ "$run" != 20w-alphabet ] && ! [ "$OUT/$run-5shot.log" -nt "$OUT/$run/final.pt" ]; then
+            echo "$OUT/$run-5shot.log missing or older than $OUT/$run/final.pt: run 'eval' first" >&2; exit 2
+        fi
+    done
     for n in 5w1s:5w 5w5s:5w 20w1s:20w 20w5s:20w 20w1s-alphabet:20w-alphabet; do
         name=omniglot-${n%%:*} run=${n##*:} shots=""
         wanted "$run" || continue
-        if [[ $name == *5s ]]; then
-            shots="--set shots=5"
-            # the 5-shot entry needs the 5-shot evaluation of the same weights
-            [ -f "$OUT/$run-5shot.log" ] || { echo "$OUT/$run-5shot.log missing: run 'eval' first" >&2; exit 2; }
-        fi
+        [[ $name == *5s ]] && shots="--set shots=5"
         "$BIN/reptile-dist" export --checkpoint "$OUT/$run/final.pt" --out "pretrained/$name.pt" $shots
     done
     # BASELINE=runs/other: an earlier reproduction drawn dashed in the learning curves.
     figure=docs/figures/omniglot_learning_curves.png  # a partial publish draws its own runs beside it
-    [ "$RUNS" = "5w 20w 20w-alphabet" ] || figure=docs/figures/omniglot_learning_curves-${RUNS// /-}.png
+    wanted 5w && wanted 20w && wanted 20w-alphabet || figure=docs/figures/omniglot_learning_curves-${RUNS// /-}.png
     "$BIN/python" benchmarks/omniglot_report.py --runs "$OUT" --only $RUNS --figure "$figure" \
         ${BASELINE:+--baseline "$BASELINE" --baseline-label "${BASELINE_LABEL:-earlier runs}"} \
-        --train-command "OUT=$OUT ITERS_5W=$ITERS_5W ITERS_20W=$ITERS_20W EVAL_TASKS=$EVAL_TASKS bash benchmarks/reproduce_omniglot.sh train"
+        --train-command "RUNS=\"$RUNS\" OUT=$OUT ITERS_5W=$ITERS_5W ITERS_20W=$ITERS_20W EVAL_TASKS=$EVAL_TASKS bash benchmarks/reproduce_omniglot.sh train"
     ;;
 *)
     echo "usage: $0 train|eval|publish" >&2; exit 2 ;;

@@ -60,6 +60,7 @@ def test_a_task_budget_gives_every_meta_batch_size_the_same_tasks(tmp_path):
                                budget={"unit": "tasks", "meta_iters": 80, "report_every": 8}))
     with pytest.raises(SweepError, match="budget.unit: tasks needs scheduler asha"):
         load_sweep(write_sweep(tmp_path, scheduler={"name": "pbt", "perturbation_interval": 20},
+                               space={"meta_step_size": {"choice": [0.1, 0.3]}},
                                budget={"unit": "tasks", "meta_iters": 300, "report_every": 20}))
     with pytest.raises(SweepError, match="budget.unit='steps' is not one of meta_steps, tasks"):
         load_sweep(write_sweep(tmp_path, budget={"unit": "steps", "meta_iters": 30}))
@@ -124,7 +125,7 @@ def test_named_cases_set_their_fields_together_and_count_like_a_grid(tmp_path):
 
 @pytest.mark.parametrize("cases, message", [
     ({"a": {"inner_stepz": 1}}, r"space\.cases\.a: unknown config field 'inner_stepz'"),
-    ({"a": {"workers": 2}}, r"space\.cases\.a\.workers: set by the sweep itself"),
+    ({"a": {"workers": 2}}, r"space\.cases\.a\.workers: a trial.s resources are sized over the whole space"),
     ({"a": {"meta_step_size": 0.5}}, r"space\.cases\.a\.meta_step_size: also searched in space\.meta_step_size"),
     ({"a": {"outer_optimizer": "lion"}}, r"space\.cases\.a: .*outer_optimizer"),
     ({"a": {}}, r"space\.cases\.a: expected a mapping of config fields"),
@@ -133,6 +134,48 @@ def test_named_cases_set_their_fields_together_and_count_like_a_grid(tmp_path):
 def test_bad_cases_fail_before_any_trial_naming_the_case(tmp_path, cases, message):
     with pytest.raises(SweepError, match=message):
         load_sweep(write_sweep(tmp_path, space={"cases": cases, "meta_step_size": {"grid": [0.1, 1.0]}}))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(space={"cases": CASES, "prefetch": {"choice": [False, True]}}, base={"config": "sine", "set": {"mode": "async"}}),
+     r"space\.cases\.nesterov with prefetch=True: prefetch needs outer_optimizer=sgd"),
+    (dict(space={"cases": {"ar": {"mode": "allreduce"}}}), r"space\.cases\.ar\.mode: sweeps run the parameter-server engine"),
+    (dict(space={"cases": CASES}, best={"set": {"prefetch": True, "mode": "async"}}),
+     r"best\.set: prefetch needs outer_optimizer=sgd"),
+    (dict(space={"cases": CASES, "inner_steps": {"choice": [1, 2]}}, scheduler={"name": "pbt", "perturbation_interval": 20},
+          budget={"meta_iters": 40, "report_every": 10}), r"space\.cases: PBT copies a better trial's whole configuration"),
+    (dict(scheduler={"name": "pbt", "perturbation_interval": 20}, budget={"meta_iters": 40, "report_every": 10}),
+     r"space: PBT needs a field to perturb"),
+])
+def test_cases_are_checked_with_every_searched_value_and_the_scheduler(tmp_path, changes, message):
+    with pytest.raises(SweepError, match=message):
+        load_sweep(write_sweep(tmp_path, **changes))
+
+
+def test_the_curves_hold_every_report_once_by_trial_and_step():
+    import math
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from reptile_dist.sweep.runner import curves_table
+
+    spec = load_sweep(REPO / "tuning" / "omniglot-20w1s-outer.yaml")
+    reports = pd.DataFrame([  # a resumed trial reports step 240 again; the second time counts
+        {"meta_step": 240, "tasks": 1200, "eval_accuracy": 0.30, "eval_accuracy_ci95": 0.02, "train_loss": 2.0},
+        {"meta_step": 480, "tasks": 2400, "eval_accuracy": 0.40, "eval_accuracy_ci95": float("nan")},
+        {"meta_step": 240, "tasks": 1200, "eval_accuracy": 0.31, "eval_accuracy_ci95": 0.02, "train_loss": 1.9},
+        {"meta_step": 720, "tasks": 3600, "eval_accuracy": float("nan")},  # no metric: not a point
+    ])
+    grid = [SimpleNamespace(path="/t/a", metrics_dataframe=reports),
+            SimpleNamespace(path="/t/b", metrics_dataframe=pd.DataFrame()),  # never reported
+            SimpleNamespace(path="/t/c", metrics_dataframe=None)]
+    rows = [{"path": f"/t/{p}", "trial_id": p, "cases": "paper"} for p in "abc"]
+    curves = curves_table(spec, grid, rows)
+    assert [(c["trial_id"], c["meta_step"], c["tasks"], c["eval_accuracy"]) for c in curves] == [
+        ("a", 240, 1200, 0.31), ("a", 480, 2400, 0.40)]
+    assert curves[0]["train_loss"] == 1.9 and curves[0]["cases"] == "paper"
+    assert math.isnan(curves[1]["eval_accuracy_ci95"]) and math.isnan(curves[1]["train_loss"])
 
 
 @pytest.mark.slow  # two Tune trials

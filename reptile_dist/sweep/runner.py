@@ -65,14 +65,9 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None, resume: boo
     buf = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), buf)
     folder.write_bytes("results.parquet", buf.getvalue().to_pybytes())
-    curves = curves_table(spec, grid, rows)
-    if curves:
-        buf = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(curves), buf)
-        folder.write_bytes("curves.parquet", buf.getvalue().to_pybytes())
-        folder.write_bytes("curves.png", plot_curves(spec, curves))
     say(summary_text(spec, rows))
     if len(rows) < spec.num_trials() or any(r["status"] == "unfinished" for r in rows):
+        write_curves(spec, grid, rows, folder)
         finished = sum(r["status"] != "unfinished" for r in rows)
         say(f"sweep {spec.name} interrupted after {wall_s:.0f} s with {finished} of {spec.num_trials()} trials finished; "
             f"continue it with --resume (Tune experiment: {experiment})")
@@ -85,6 +80,7 @@ def run_sweep(spec: SweepSpec, out: str, address: str | None = None, resume: boo
             f"({_params_text(spec, best)}) -> {folder.path('best.yaml')}")
     else:
         say("no trial reported a result; see the errors above")
+    write_curves(spec, grid, rows, folder)
     say(f"sweep {spec.name}: {len(rows)} trials in {wall_s:.0f} s; Tune experiment (TensorBoard): {experiment}")
     return {"rows": rows, "best": best, "best_path": folder.path("best.yaml") if best else None,
             "experiment": experiment, "interrupted": False, "results": folder.path("results.parquet"), "wall_s": wall_s}
@@ -155,26 +151,46 @@ def results_table(spec: SweepSpec, grid) -> list[dict[str, Any]]:
     return sorted(rows, key=key)
 
 
+def write_curves(spec: SweepSpec, grid, rows: list[dict[str, Any]], folder: RunDir) -> None:
+    """curves.parquet and curves.png, written after the results and best.yaml."""
+    curves = curves_table(spec, grid, rows)
+    if curves:
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(curves), buf)
+        folder.write_bytes("curves.parquet", buf.getvalue().to_pybytes())
+        folder.write_bytes("curves.png", plot_curves(spec, curves))
+
+
 def curves_table(spec: SweepSpec, grid, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every report of every trial, in order: the learning curves of the sweep."""
+    """Every report of every trial, by trial and meta-step (a step reported again after a resume
+    counts once, as last reported): the learning curves of the sweep."""
     by_path = {r["path"]: r for r in rows}
     names = [d.field for d in spec.space]
-    curves = []
+    ci = f"{spec.metric}_ci95"
+    curves = {}
     for result in grid:
         frame = result.metrics_dataframe
         row = by_path.get(result.path)
         if frame is None or row is None or spec.metric not in frame:
             continue
-        ci = f"{spec.metric}_ci95"
         for report in frame.to_dict("records"):
-            if report.get("meta_step") is None or not math.isfinite(float(report.get(spec.metric, math.nan))):
+            step, tasks, value = (_finite(report.get(k)) for k in ("meta_step", "tasks", spec.metric))
+            if step is None or tasks is None or value is None:
                 continue
-            curves.append({"trial_id": row["trial_id"], **{n: row[n] for n in names},
-                           "tasks": int(report["tasks"]), "meta_step": int(report["meta_step"]),
-                           spec.metric: float(report[spec.metric]),
-                           ci: float(report[ci]) if report.get(ci) is not None else math.nan,
-                           "train_loss": float(report.get("train_loss", math.nan))})
-    return curves
+            ci95, train = _finite(report.get(ci)), _finite(report.get("train_loss"))
+            curves[row["trial_id"], int(step)] = {
+                "trial_id": row["trial_id"], **{n: row[n] for n in names}, "tasks": int(tasks), "meta_step": int(step),
+                spec.metric: value, ci: math.nan if ci95 is None else ci95, "train_loss": math.nan if train is None else train}
+    return [curves[key] for key in sorted(curves)]
+
+
+def _finite(value: Any) -> float | None:
+    """A reported number, or None for a missing one (None, or pandas' NaN for a column another report had)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def plot_curves(spec: SweepSpec, curves: list[dict[str, Any]]) -> bytes:

@@ -119,13 +119,16 @@ class SweepSpec:
 
     def mutations(self) -> dict[str, Any]:
         """PBT's hyperparam_mutations: choices move to a neighbouring value, ranges are resampled
-        or scaled by 0.8 / 1.2; grid fields stay fixed."""
+        or scaled by 0.8 / 1.2; grid fields are never perturbed (an exploiting trial copies them
+        with the rest of the donor's configuration)."""
         return {d.field: list(d.values) if d.kind == "choice" else d.tune_domain() for d in self.space if not d.is_grid}
 
     def case(self, name: str) -> dict[str, Any]:
         """The config fields a named case sets."""
-        dim = next(d for d in self.space if d.kind == CASES)
-        return dict(dim.cases)[name]
+        cases = dict(next((d.cases for d in self.space if d.kind == CASES), ()))
+        if name not in cases:  # a sweep resumed after its definition lost the case
+            raise SweepError(f"space.{CASES}: no case named {name!r} (cases: {', '.join(cases) or 'none'})")
+        return cases[name]
 
     def trial_config(self, params: dict[str, Any]) -> Config:
         """The configuration one trial runs: base + its case's fields + its searched values (PBT may
@@ -219,8 +222,9 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
     space = _space(_mapping(data, "space"), base)
     if unit == "tasks":
         batch = next((d for d in space if d.field == "meta_batch_size"), None)
-        sizes = set(batch.values if batch is not None else (base.meta_batch_size,))
-        sizes |= {case["meta_batch_size"] for d in space for _, case in d.cases if "meta_batch_size" in case}
+        cases = [case for d in space for _, case in d.cases]
+        sizes = set(batch.values if batch is not None else
+                    [c.get("meta_batch_size", base.meta_batch_size) for c in cases] or [base.meta_batch_size])
         for size in sorted(sizes):
             in_meta_steps(base.replace(meta_batch_size=size), meta_iters, report_every, unit)
 
@@ -233,7 +237,8 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
             raise SweepError("search: optuna is not installed (pip install 'reptile-dist[tune]')")
         grids = [d for d in space if d.is_grid]
         if grids:
-            raise SweepError(f"space.{grids[0].field}: {grids[0].kind} is not supported with search: optuna (use choice)")
+            hint = "use choice" if grids[0].kind == "grid" else "search: random tries every case"
+            raise SweepError(f"space.{grids[0].field}: {grids[0].kind} is not supported with search: optuna ({hint})")
 
     scheduler, options = _scheduler(data.get("scheduler") or {"name": "asha"}, meta_iters, report_every, space)
     if unit == "tasks" and scheduler != "asha":
@@ -242,10 +247,11 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
     best = _mapping(data, "best")
     _only(best, "best", ("set",))
     best_overrides = dict(best.get("set") or {})
-    try:
-        base.replace(**best_overrides)
-    except ConfigError as exc:
-        raise SweepError(f"best.set: {exc}") from None
+    for _, case in next((d.cases for d in space if d.kind == CASES), (("", {}),)):
+        try:
+            base.replace(**case, **best_overrides)
+        except ConfigError as exc:
+            raise SweepError(f"best.set: {exc}") from None
 
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -321,8 +327,7 @@ def _space(space: dict[str, Any], base: Config) -> tuple[Dimension, ...]:
     for name, dist in space.items():
         where = f"space.{name}"
         if name == CASES:
-            dims.append(_cases(dist, base, set(space) - {CASES}))
-            continue
+            continue  # after the fields: each case is checked with their values
         if name not in FIELDS:
             raise SweepError(f"{where}: unknown config field '{name}'")
         if name in SWEEP_OWNED:
@@ -343,6 +348,16 @@ def _space(space: dict[str, Any], base: Config) -> tuple[Dimension, ...]:
             except ConfigError as exc:
                 raise SweepError(f"{where}: {exc}") from None
         dims.append(Dimension(name, kind, tuple(cast(name, v) for v in values)))
+    if CASES in space:
+        cases = _cases(space[CASES], base, set(space) - {CASES})
+        for case_name, case in cases.cases:
+            for dim in dims:  # every value (each end of a range) with the case's fields
+                for value in dim.values:
+                    try:
+                        base.replace(**case, **{dim.field: value})
+                    except ConfigError as exc:
+                        raise SweepError(f"space.{CASES}.{case_name} with {dim.field}={value!r}: {exc}") from None
+        dims.append(cases)
     return tuple(dims)
 
 
@@ -362,14 +377,19 @@ def _cases(cases: Any, base: Config, searched: set[str]) -> Dimension:
         for key in fields:
             if key not in FIELDS:
                 raise SweepError(f"{where}: unknown config field '{key}'")
-            if key in SWEEP_OWNED or key in RESOURCE_FIELDS:
+            if key in SWEEP_OWNED:
                 raise SweepError(f"{where}.{key}: set by the sweep itself (base or budget), not per case")
+            if key in RESOURCE_FIELDS:
+                raise SweepError(f"{where}.{key}: a trial's resources are sized over the whole space; "
+                                 f"search {key} in space.{key}, not per case")
             if key in searched:
                 raise SweepError(f"{where}.{key}: also searched in space.{key}; name it in one place")
         try:
-            base.replace(**fields)
+            cfg = base.replace(**fields)
         except ConfigError as exc:
             raise SweepError(f"{where}: {exc}") from None
+        if cfg.mode == "allreduce":
+            raise SweepError(f"{where}.mode: sweeps run the parameter-server engine (sync or async), not allreduce")
         pairs.append((name, {k: cast(k, v) for k, v in fields.items()}))
     return Dimension(CASES, CASES, tuple(name for name, _ in pairs), tuple(pairs))
 
@@ -435,6 +455,11 @@ def _scheduler(sched: Any, meta_iters: int, report_every: int, space: tuple[Dime
         fixed = [d.field for d in space if d.field in RESOURCE_FIELDS]
         if fixed:
             raise SweepError(f"space.{fixed[0]}: PBT keeps a trial's resources fixed; sweep it with asha")
+        if any(d.kind == CASES for d in space):
+            raise SweepError(f"space.{CASES}: PBT copies a better trial's whole configuration, its case too; "
+                             "compare cases with asha")
+        if all(d.is_grid for d in space):
+            raise SweepError("space: PBT needs a field to perturb (choice, uniform or loguniform)")
     return name, options
 
 
