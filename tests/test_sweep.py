@@ -46,6 +46,15 @@ def test_shipped_sweeps_are_valid(name):
     assert spec.base.eval_every * per == spec.report_every and spec.base.checkpoint_every == spec.base.eval_every
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "tuning").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_sweep_loads_and_scores_on_validation_tasks(path):
+    spec = load_sweep(path)
+    assert spec.num_trials() >= 2 and spec.metric.startswith("eval_")
+    if spec.base.family == "omniglot":
+        assert spec.base.val_characters > 0  # never the test characters
+        assert spec.best_config({d.field: d.values[0] for d in spec.space}).val_characters == 0
+
+
 def test_a_task_budget_gives_every_meta_batch_size_the_same_tasks(tmp_path):
     spec = load_sweep(write_sweep(tmp_path, space={"meta_batch_size": {"choice": [2, 5, 10]}},
                                   scheduler={"name": "asha", "grace_period": 60},
