@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 import time
 from typing import Any
@@ -51,8 +52,8 @@ def run_status(run: str) -> dict[str, Any]:
     state = "finished" if finished else _activity(folder)
     status: dict[str, Any] = {
         "run": run, "state": state, "step": step, "meta_iters": cfg.meta_iters,
-        "progress": step / cfg.meta_iters, "train_loss": _number(last.get("train_loss")),
-        "tasks_per_s": _number(last.get("tasks_per_s")), "eta_s": None, "last_row_age_s": _age(folder),
+        "progress": step / cfg.meta_iters, "train_loss": finite_number(last.get("train_loss")),
+        "tasks_per_s": finite_number(last.get("tasks_per_s")), "eta_s": None, "last_row_age_s": _age(folder),
         "latest_eval": _latest_eval(rows), "workers_replaced": None, "ps_restarts": None, "test": None,
         "checkpoints": len(folder.checkpoints()),
     }
@@ -155,7 +156,7 @@ def plot_runs(runs: list[str], out: str, x: str = "step") -> str:
 def _metric_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of meta-steps as logged (they carry wall_s): not events (`worker 1 replaced`) nor
     the rows of evaluations that finished after their meta-step's row (Ray runs)."""
-    return [r for r in rows if "event" not in r and _number(r.get("wall_s")) is not None]
+    return [r for r in rows if "event" not in r and finite_number(r.get("wall_s")) is not None]
 
 
 def _curves(rows: list[dict[str, Any]], cfg: Config, x: str) -> dict[str, list[tuple[float, ...]]]:
@@ -179,10 +180,10 @@ def _curves(rows: list[dict[str, Any]], cfg: Config, x: str) -> dict[str, list[t
         return float(np.interp(step, [s for s, _ in known], [v for _, v in known])) if known else 0.0
 
     out: dict[str, list[tuple[float, ...]]] = {
-        "train": [(v, r["train_loss"]) for v, r in zip(xs, steps) if _number(r.get("train_loss")) is not None]}
+        "train": [(v, r["train_loss"]) for v, r in zip(xs, steps) if finite_number(r.get("train_loss")) is not None]}
     for metric in ("eval_accuracy", "eval_loss"):
-        out[metric] = sorted((x_of(r["step"]), r[metric], _number(r.get(f"{metric}_ci95")) or 0.0)
-                             for r in rows if "step" in r and _number(r.get(metric)) is not None)
+        out[metric] = sorted((x_of(r["step"]), r[metric], finite_number(r.get(f"{metric}_ci95")) or 0.0)
+                             for r in rows if "step" in r and finite_number(r.get(metric)) is not None)
     return out
 
 
@@ -191,10 +192,10 @@ def _latest_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     found = []
     for row in rows:
         for metric in ("accuracy", "loss"):
-            value = _number(row.get(f"eval_{metric}"))
+            value = finite_number(row.get(f"eval_{metric}"))
             if value is not None and "step" in row:
                 found.append({"step": row["step"], "metric": metric, "value": value,
-                              "ci95": _number(row.get(f"eval_{metric}_ci95"))})
+                              "ci95": finite_number(row.get(f"eval_{metric}_ci95"))})
                 break
     return max(found, key=lambda e: e["step"]) if found else None
 
@@ -204,13 +205,13 @@ def _seconds_per_step(rows: list[dict[str, Any]], cfg: Config) -> float | None:
     rows of the newest session; else from tasks/s."""
     recent: list[dict[str, Any]] = []
     for row in reversed(rows):
-        wall = _number(row.get("wall_s"))
+        wall = finite_number(row.get("wall_s"))
         if wall is None or (recent and wall >= recent[-1]["wall_s"]) or len(recent) == SPEED_WINDOW:
             break
         recent.append(row)
     if len(recent) >= 2 and recent[0]["step"] > recent[-1]["step"]:
         return (recent[0]["wall_s"] - recent[-1]["wall_s"]) / (recent[0]["step"] - recent[-1]["step"])
-    speed = _number(rows[-1].get("tasks_per_s")) if rows else None
+    speed = finite_number(rows[-1].get("tasks_per_s")) if rows else None
     return cfg.meta_batch_size / speed if speed else None
 
 
@@ -258,8 +259,10 @@ def _age(folder: RunDir) -> float | None:
     return max(0.0, time.time() - info.mtime.timestamp())
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def finite_number(value: Any) -> float | None:
+    """A logged or reported number as a float; None for a missing, non-numeric or non-finite one
+    (NaN is how pandas fills a column another row had). numpy scalars count as numbers."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         return None
     return float(value)
 

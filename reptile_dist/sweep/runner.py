@@ -25,6 +25,7 @@ from ray import tune
 
 from reptile_dist.engine.cluster import local_cluster_cpus, ray_session
 from reptile_dist.rundir import RunDir
+from reptile_dist.runview import finite_number
 from reptile_dist.sweep.spec import SweepError, SweepSpec, cast
 from reptile_dist.sweep.trainable import trainable
 
@@ -174,23 +175,14 @@ def curves_table(spec: SweepSpec, grid, rows: list[dict[str, Any]]) -> list[dict
         if frame is None or row is None or spec.metric not in frame:
             continue
         for report in frame.to_dict("records"):
-            step, tasks, value = (_finite(report.get(k)) for k in ("meta_step", "tasks", spec.metric))
+            step, tasks, value = (finite_number(report.get(k)) for k in ("meta_step", "tasks", spec.metric))
             if step is None or tasks is None or value is None:
                 continue
-            ci95, train = _finite(report.get(ci)), _finite(report.get("train_loss"))
+            ci95, train = finite_number(report.get(ci)), finite_number(report.get("train_loss"))
             curves[row["trial_id"], int(step)] = {
                 "trial_id": row["trial_id"], **{n: row[n] for n in names}, "tasks": int(tasks), "meta_step": int(step),
                 spec.metric: value, ci: math.nan if ci95 is None else ci95, "train_loss": math.nan if train is None else train}
     return [curves[key] for key in sorted(curves)]
-
-
-def _finite(value: Any) -> float | None:
-    """A reported number, or None for a missing one (None, or pandas' NaN for a column another report had)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def plot_curves(spec: SweepSpec, curves: list[dict[str, Any]]) -> bytes:

@@ -125,7 +125,7 @@ class SweepSpec:
 
     def case(self, name: str) -> dict[str, Any]:
         """The config fields a named case sets."""
-        cases = dict(next((d.cases for d in self.space if d.kind == CASES), ()))
+        cases = dict(case_pairs(self.space))
         if name not in cases:  # a sweep resumed after its definition lost the case
             raise SweepError(f"space.{CASES}: no case named {name!r} (cases: {', '.join(cases) or 'none'})")
         return cases[name]
@@ -171,6 +171,11 @@ def in_meta_steps(cfg: Config, meta_iters: int, report_every: int, unit: str) ->
                              f"{cfg.meta_batch_size}")
     return cfg.replace(backend="ray", meta_iters=meta_iters, eval_every=report_every, checkpoint_every=report_every,
                        log_every=min(cfg.log_every, report_every), keep_checkpoints=math.ceil(meta_iters / report_every))
+
+
+def case_pairs(space: tuple[Dimension, ...]) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """The space's named cases as (name, {field: value}) pairs; () without `cases`."""
+    return next((d.cases for d in space if d.kind == CASES), ())
 
 
 def cast(name: str, value: Any) -> Any:
@@ -222,9 +227,8 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
     space = _space(_mapping(data, "space"), base)
     if unit == "tasks":
         batch = next((d for d in space if d.field == "meta_batch_size"), None)
-        cases = [case for d in space for _, case in d.cases]
         sizes = set(batch.values if batch is not None else
-                    [c.get("meta_batch_size", base.meta_batch_size) for c in cases] or [base.meta_batch_size])
+                    [c.get("meta_batch_size", base.meta_batch_size) for _, c in case_pairs(space)] or [base.meta_batch_size])
         for size in sorted(sizes):
             in_meta_steps(base.replace(meta_batch_size=size), meta_iters, report_every, unit)
 
@@ -247,7 +251,7 @@ def parse_sweep(data: dict[str, Any], default_name: str = "sweep", base_dir: Pat
     best = _mapping(data, "best")
     _only(best, "best", ("set",))
     best_overrides = dict(best.get("set") or {})
-    for _, case in next((d.cases for d in space if d.kind == CASES), (("", {}),)):
+    for _, case in case_pairs(space) or (("", {}),):
         try:
             base.replace(**case, **best_overrides)
         except ConfigError as exc:

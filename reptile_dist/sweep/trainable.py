@@ -9,7 +9,6 @@ a checkpoint (resume, PBT exploit), seeds it with that checkpoint and resumes th
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from ray import tune
 
 from reptile_dist.engine.cluster import cluster_gpus, cluster_has_head_node
 from reptile_dist.rundir import RunDir, config_identity, load_checkpoint, save_torch
+from reptile_dist.runview import finite_number
 from reptile_dist.sweep.placement import trial_bundles
 from reptile_dist.sweep.spec import SweepSpec
 
@@ -78,7 +78,7 @@ class Reporter:
 
     def on_log(self, row: dict[str, Any]) -> None:
         if "train_loss" in row:
-            self.train = {k: row[k] for k in ("train_loss", "train_accuracy", "tasks_per_s") if _finite(row.get(k))}
+            self.train = {k: row[k] for k in ("train_loss", "train_accuracy", "tasks_per_s") if finite_number(row.get(k)) is not None}
         if self.metric in row and row["step"] > self.reported_step:
             self.report(int(row["step"]), {k: v for k, v in row.items() if k.startswith("eval_")})
 
@@ -92,10 +92,6 @@ class Reporter:
             tune.report({"meta_step": step, "tasks": step * self.meta_batch_size, **evals, **self.train},
                         checkpoint=tune.Checkpoint.from_directory(d))
         self.reported_step = step
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _quiet(message: str) -> None:
