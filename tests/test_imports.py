@@ -54,7 +54,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
         "reptile_dist.engine.driver": "",
         "reptile_dist.engine.metrics": "the engine's figures through Ray's metrics API",
         "reptile_dist.engine.parameter_server": "",
-        "reptile_dist.engine.sharded_eval": "`eval --workers N`: a held-out evaluation in shards on Ray actors",
+        "reptile_dist.engine.sharded_eval": "held-out evaluations in shards on Ray actors, one retry loop (a run's driver, `eval --workers N`)",
         "reptile_dist.engine.wire": "pure, but only the engine's transports (and their benchmark) speak it",
     }),
     ("bench/sweep", {

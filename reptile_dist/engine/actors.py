@@ -23,6 +23,7 @@ from reptile_dist.plugins import Plugins
 from reptile_dist.training import LoopHooks
 
 PLACEMENT_TIMEOUT_S = 120
+START_TIMEOUT_S = 300.0  # a started actor answers where() once placed and its data is loaded
 # A worker runs its loop, answers where() and push_log(), and, after the PS was restored, starts a
 # new loop while the old one is still finishing.
 WORKER_CONCURRENCY = 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from itertools import cycle
 from typing import Any, Callable
 
 import numpy as np
@@ -21,9 +22,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tqdm import tqdm
 
 from reptile_dist.config import Config
-from reptile_dist.engine.actors import EngineActors
+from reptile_dist.engine.actors import START_TIMEOUT_S, EngineActors
 from reptile_dist.engine.cluster import run_on_cluster
-from reptile_dist.evaluation import combine_scores, headline, shard_bounds, summarize
+from reptile_dist.engine.sharded_eval import eval_timeout_s, score_in_shards
+from reptile_dist.evaluation import headline, shard_bounds, summarize
 from reptile_dist.plugins import Plugins
 from reptile_dist.reptile import InnerMoment
 from reptile_dist.training import (Cadence, RunFailed, RunSetup, Throughput, checkpoint_state, finish_run,
@@ -31,18 +33,9 @@ from reptile_dist.training import (Cadence, RunFailed, RunSetup, Throughput, che
 
 TICK_S = 0.2
 # Waits that would otherwise hang the driver when an actor cannot be placed or stops answering.
-START_TIMEOUT_S = 300.0  # a started actor answers where() once placed and its data is loaded
 PS_TIMEOUT_S = 120.0  # drain, state and complete_step take milliseconds on a live PS
-EVAL_S_PER_TASK = 5.0  # 20x the slowest task measured (~0.25 s, omniglot 20-way on CPU)
-FINAL_EVAL_ATTEMPTS = 3
 BACKOFF_MAX_S = 30.0
 HEALTHY_S = 60.0
-
-
-def eval_timeout_s(tasks: int) -> float:
-    """How long an evaluation of `tasks` tasks may take before its actor is taken as wedged."""
-    return START_TIMEOUT_S + EVAL_S_PER_TASK * tasks
-
 
 
 class Restarts:
@@ -424,30 +417,17 @@ class EngineRun:
         whose actor died or stopped answering is scored again on an actor that answered, or on a
         restarted evaluator (tasks are seeded: the same scores)."""
         actors = [a for w, a in enumerate(self.workers) if w not in self.down] + [self.evaluator]
-        shards = shard_bounds(tasks, len(actors))
         theta_ref = ray.put(theta)
-        parts = {}
-        for _ in range(FINAL_EVAL_ATTEMPTS):
-            sent = {}
-            for i, (lo, hi) in enumerate(shards):
-                actor = actors[i % len(actors)]
-                sent[actor.score.remote(theta_ref, split, lo, hi, moment)] = (lo, hi, actor)
-            timeout = eval_timeout_s(max(hi - lo for lo, hi in shards))
-            done, late = ray.wait(list(sent), num_returns=len(sent), timeout=timeout)
-            answered, lost = [], [sent[ref] for ref in late]
-            for ref in done:
-                try:
-                    parts[sent[ref][0]] = ray.get(ref)
-                    answered.append(sent[ref][2])
-                except RayActorError:
-                    lost.append(sent[ref])
-            if not lost:
-                return summarize(combine_scores(parts[lo] for lo in sorted(parts)))
-            shards = [(lo, hi) for lo, hi, _ in lost]
-            self.say(f"warning: {sum(hi - lo for lo, hi in shards)} of {tasks} {split} evaluation tasks were lost "
-                     "with their actor; scoring them again")
-            if any(actor is self.evaluator for _, _, actor in lost):
+
+        def send(shards: list) -> dict:
+            return {actor.score.remote(theta_ref, split, lo, hi, moment): (lo, hi, actor)
+                    for (lo, hi), actor in zip(shards, cycle(actors))}
+
+        def after_loss(lost: list, answered: list) -> None:
+            nonlocal actors
+            if any(actor is self.evaluator for actor in lost):
                 self.restart_evaluator(f"lost its {split} evaluation shard")
             actors = list({id(a): a for a in answered if a is not self.evaluator}.values()) + [self.evaluator]
-        raise RunFailed(f"the {split} evaluation lost tasks {shards[0][0]}-{shards[0][1]} {FINAL_EVAL_ATTEMPTS} times "
-                        f"(meta-step {int(self.at)}); checkpoints kept")
+
+        return summarize(score_in_shards(shard_bounds(tasks, len(actors)), send, f"{split} evaluation", self.say,
+                                         after_loss, f" (meta-step {int(self.at)}); checkpoints kept"))
