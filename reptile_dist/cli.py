@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", choices=("local", "ray"), help="overrides the config's backend")
     train.add_argument("--workers", type=int, help="adapt workers (ray backend)")
     train.add_argument("--mode", choices=("sync", "async", "allreduce"), help="aggregation (ray backend)")
-    train.add_argument("--address", help="join an existing Ray cluster ('auto' or ray://host:10001)")
+    train.add_argument("--address", help="join an existing Ray cluster ('auto' or ray://host:10001); default: the one RAY_ADDRESS names, else a new local one")
     train.add_argument("--data", help="prepared image table (default: the config's `data`)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=1,
                     help="Ray actors scoring the tasks in shards (default 1: this process, no Ray); the result is "
                          "the same")
-    ev.add_argument("--address", help="join this Ray cluster (`auto`: the one on this machine) to score the shards")
+    ev.add_argument("--address", help="join this Ray cluster (`auto`: the one on this machine) to score the shards; default: the one RAY_ADDRESS names, else a new local one")
 
     data = sub.add_parser("data", help="prepare data sets")
     data_sub = data.add_subparsers(dest="dataset", required=True)
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=float, default=5.0, help="seconds run before measuring")
     bench.add_argument("--straggler", type=float, default=1.0, metavar="FACTOR",
                        help="also run each mode at the largest W with worker 0 FACTOR times slower")
-    bench.add_argument("--address", help="join an existing Ray cluster ('auto' or ray://host:10001)")
+    bench.add_argument("--address", help="join an existing Ray cluster ('auto' or ray://host:10001); default: the one RAY_ADDRESS names, else a new local one")
     bench.add_argument("--capacity-params", default="", help="PS capacity sweep over model sizes, e.g. 100k,1M,10M")
     bench.add_argument("--capacity-dtypes", default="float64,float32,bfloat16,float16", help="delta precisions on the wire")
     bench.add_argument("--capacity-pushers", default="2", help="pusher actors feeding the PS, e.g. 1,2,4")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune (definitions in tuning/)")
     tune.add_argument("--sweep", required=True, help="sweep definition (YAML), e.g. tuning/sine.yaml")
-    tune.add_argument("--address", help="join an existing Ray cluster ('auto' or ray://host:10001)")
+    tune.add_argument("--address", help="join an existing Ray cluster ('auto' or ray://host:10001); default: the one RAY_ADDRESS names, else a new local one")
     tune.add_argument("--out", help="results folder or s3:// / gs:// URI (default runs/sweeps/<sweep name>)")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -36,36 +36,43 @@ class ClusterError(UserError):
     """The Ray cluster could not be reached or cannot host the run (a user-facing, one-line error)."""
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not minutes: ray.init keeps retrying an address that does not answer."""
+def check_reachable(address: str, source: str = "--address", timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes: ray.init keeps retrying an address that does not answer.
+    `source`: where the address came from, for the message."""
     if address == "auto":
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise ClusterError(f"--address {address!r} is not 'auto', HOST:PORT or ray://HOST:PORT")
+        raise ClusterError(f"{source} {address!r} is not 'auto', HOST:PORT or ray://HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}") from None
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({source}): {exc.strerror or exc}") from None
 
 
 @contextmanager
 def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = False) -> Iterator[None]:
-    """Join `address`, or start a local cluster in-process that advertises `num_cpus` logical CPUs
-    and shut it down at the end; inside a running session (a Tune trial, a caller's), use it."""
+    """Join `address`, else the cluster that the environment's RAY_ADDRESS names (as Ray itself
+    does; `ray job submit` sets it for a job's command), else start a local cluster in-process that
+    advertises `num_cpus` logical CPUs; shut down at the end. Inside a running session (a Tune
+    trial, a caller's), use that one."""
     if ray.is_initialized():
         yield  # leave it running: it is not ours
         return
+    source = "--address"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address:
-        check_reachable(address)
+        check_reachable(address, source)
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
         else:
             start_local_ray(num_cpus, include_dashboard)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({source}): "
+                           f"{str(exc).splitlines()[0]}") from None
     try:
         yield
     finally:
@@ -74,8 +81,9 @@ def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = Fa
 
 def start_local_ray(num_cpus: int, include_dashboard: bool = False, log_to_driver: bool = True) -> None:
     """A local Ray cluster in this process, with the engine's namespace and system settings (the
-    one place a local cluster is started, for runs, sweeps, the bench and the tests alike)."""
-    ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=include_dashboard,
+    one place a local cluster is started, for runs, sweeps, the bench and the tests alike). A new
+    one even where RAY_ADDRESS is set, which ray.init alone would join."""
+    ray.init(address="local", num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=include_dashboard,
              log_to_driver=log_to_driver,
              _system_config=dict(SYSTEM_CONFIG))  # a copy: Ray adds its own keys to the dict it is given
 

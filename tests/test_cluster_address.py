@@ -1,0 +1,62 @@
+"""Which Ray cluster a command runs on: the one `--address` names, else the one the environment's
+RAY_ADDRESS names (as Ray itself does; `ray job submit` sets it for a job's command), else a new
+local one. Real processes and a real cluster: the session's local one (`ray_local`) is the
+"existing cluster" a command joins."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "reptile_dist.cli"]
+UNREACHABLE = "127.0.0.1:9"  # the discard port: nothing listens there
+TINY_RAY_RUN = ["train", "--config", "sine", "--backend", "ray", "--workers", "1", "--mode", "sync", "--no-progress",
+                "--set", "meta_iters=4", "--set", "eval_every=0", "--set", "checkpoint_every=0",
+                "--set", "eval_tasks=4", "--set", "torch_threads=1"]
+
+
+def cli(args: list[str], ray_address: str | None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address is not None:
+        env["RAY_ADDRESS"] = ray_address
+    return subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout,
+                          env={**env, "PYTHONWARNINGS": "ignore"})
+
+
+def test_an_unreachable_ray_address_in_the_environment_is_one_line_naming_it(tmp_path):
+    result = cli(TINY_RAY_RUN + ["--out", str(tmp_path / "run")], UNREACHABLE)
+    err = result.stderr.strip()
+    assert result.returncode == 2, err[-2000:]
+    assert err.count("\n") == 0 and f"cannot reach the Ray cluster at '{UNREACHABLE}' (RAY_ADDRESS)" in err, err
+    assert not (tmp_path / "run").exists()  # an unreachable cluster leaves no run folder
+
+
+def test_an_explicit_address_wins_over_the_environments(tmp_path):
+    result = cli(TINY_RAY_RUN + ["--address", "127.0.0.1:7", "--out", str(tmp_path / "run")], UNREACHABLE)
+    assert result.returncode == 2 and "at '127.0.0.1:7' (--address)" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow  # a Ray run in a second process, joining this session's cluster
+def test_a_command_joins_the_cluster_ray_address_names(ray_local, tmp_path):
+    address = ray_local.get_runtime_context().gcs_address
+    result = cli(TINY_RAY_RUN + ["--out", str(tmp_path / "run")], address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Connecting to existing Ray cluster" in result.stderr, result.stderr[-3000:]
+    assert "Started a local Ray instance" not in result.stderr
+    assert (tmp_path / "run" / "final.pt").exists()
+
+
+@pytest.mark.slow  # starts a Ray instance in a second process
+def test_the_local_cluster_is_a_new_one_even_where_ray_address_is_set():
+    # The tests' own cluster, and every command without an address where RAY_ADDRESS is unset,
+    # start through start_local_ray; ray.init alone would try to join RAY_ADDRESS's cluster.
+    code = ("import ray\n"
+            "from reptile_dist.engine.cluster import start_local_ray\n"
+            "start_local_ray(num_cpus=1, log_to_driver=False)\n"
+            "print('cpus', ray.cluster_resources()['CPU'])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RAY_ADDRESS": UNREACHABLE})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cpus 1.0" in result.stdout
