@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=1,
                     help="Ray actors scoring the tasks in shards (default 1: this process, no Ray); the result is "
                          "the same")
-    ev.add_argument("--address", help="join this Ray cluster (`auto`: the one on this machine) to score the shards; default: the one RAY_ADDRESS names, else a new local one")
+    ev.add_argument("--address", help="join this Ray cluster (`auto`: the one on this machine) to score the shards; with --workers > 1 and no --address: the one RAY_ADDRESS names, else a new local one")
 
     data = sub.add_parser("data", help="prepare data sets")
     data_sub = data.add_subparsers(dest="dataset", required=True)

@@ -115,7 +115,7 @@ class Config:
 
     # Distributed engine.
     backend: str = knob("local", "local: one process; ray: actors", choices=("local", "ray"))
-    address: str = knob("", "ray: the cluster to join ('auto', ray://host:10001); empty: start a local one in-process")
+    address: str = knob("", "ray: the cluster to join ('auto', ray://host:10001); empty: the one RAY_ADDRESS names, else a new local one in-process")
     mode: str = knob("sync", "sync: barrier per meta-step; async: apply deltas on arrival; "
                              "allreduce: Ray Train workers all-reduce deltas, no parameter server",
                      choices=("sync", "async", "allreduce"))

@@ -33,6 +33,31 @@ def test_an_unreachable_ray_address_in_the_environment_is_one_line_naming_it(tmp
     assert not (tmp_path / "run").exists()  # an unreachable cluster leaves no run folder
 
 
+@pytest.mark.parametrize("flag, env, expected", [
+    (None, None, (None, "--address")),
+    ("auto", None, ("auto", "--address")),
+    (None, "10.0.0.5:6379", ("10.0.0.5:6379", "RAY_ADDRESS")),
+    ("ray://head:10001", "10.0.0.5:6379", ("ray://head:10001", "--address")),
+    (None, "local", (None, "RAY_ADDRESS")),  # Ray's word for a new local cluster
+    ("local", "10.0.0.5:6379", (None, "--address")),
+    (None, "", (None, "--address")),
+])
+def test_the_cluster_is_the_flags_else_the_environments_else_a_new_local_one(monkeypatch, flag, env, expected):
+    from reptile_dist.engine.cluster import cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if env is not None:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    assert cluster_address(flag) == expected
+
+
+def test_a_dashboard_address_is_one_line_naming_the_addresses_that_join(tmp_path):
+    result = cli(TINY_RAY_RUN + ["--out", str(tmp_path / "run")], "http://127.0.0.1:8265")
+    err = result.stderr.strip()
+    assert result.returncode == 2 and err.count("\n") == 0, err[-2000:]
+    assert "RAY_ADDRESS 'http://127.0.0.1:8265' is a dashboard (Jobs API) address" in err and "HOST:6379" in err
+
+
 def test_an_explicit_address_wins_over_the_environments(tmp_path):
     result = cli(TINY_RAY_RUN + ["--address", "127.0.0.1:7", "--out", str(tmp_path / "run")], UNREACHABLE)
     assert result.returncode == 2 and "at '127.0.0.1:7' (--address)" in result.stderr, result.stderr[-2000:]
@@ -45,6 +70,14 @@ def test_a_command_joins_the_cluster_ray_address_names(ray_local, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Connecting to existing Ray cluster" in result.stderr, result.stderr[-3000:]
     assert "Started a local Ray instance" not in result.stderr
+    assert (tmp_path / "run" / "final.pt").exists()
+
+
+@pytest.mark.slow  # a Ray run in a second process
+def test_ray_address_local_starts_a_new_local_cluster(tmp_path):
+    result = cli(TINY_RAY_RUN + ["--out", str(tmp_path / "run")], "local")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Started a local Ray instance" in result.stderr
     assert (tmp_path / "run" / "final.pt").exists()
 
 

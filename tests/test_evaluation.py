@@ -98,6 +98,7 @@ def test_an_evaluation_sharded_over_ray_actors_equals_the_one_process_evaluation
     transductive_only = evaluate(small_final, tasks=5, transductive=True, workers=2)
     assert transductive_only == evaluate(small_final, tasks=5, transductive=True)
     assert "accuracy" not in transductive_only and transductive_only["transductive_accuracy"] >= 0
+    assert evaluate(small_final, tasks=0, workers=2) == evaluate(small_final, tasks=0) == {"tasks": 0}
 
 
 @pytest.mark.parametrize("workers", ["0", "-2"])

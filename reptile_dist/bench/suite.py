@@ -26,7 +26,7 @@ from reptile_dist.bench.report import (CAPACITY_COLUMNS, LOCAL_COLUMNS, MODEL_CO
                                        write_markdown, write_parquet)
 from reptile_dist.bench.runner import measure_engine, measure_local
 from reptile_dist.config import Config, ConfigError, load_config
-from reptile_dist.engine.cluster import ray_cluster
+from reptile_dist.engine.cluster import cluster_address, ray_cluster
 from reptile_dist.plugins import Plugins, build_family
 from reptile_dist.training import make_learner
 
@@ -136,7 +136,7 @@ def describe(plan: BenchPlan, cfg: Config, params: int, local: float, batched: f
         "straggler_factor": straggler_factor, "straggler_worker": STRAGGLER_WORKER,
         "straggler": f"worker {STRAGGLER_WORKER} x{straggler_factor:g}" if straggler_factor > 1 else "none",
         "tasks_per_push": cfg.tasks_per_push, "batched_adaptation": cfg.batched_adaptation,
-        "address": plan.address or "local", "cpu_count": os.cpu_count() or 0, "warmup_s": plan.warmup,
+        "address": cluster_address(plan.address)[0] or "local", "cpu_count": os.cpu_count() or 0, "warmup_s": plan.warmup,
         "local_tasks_per_s": local, "local_batched_tasks_per_s": batched,
     }
 
@@ -206,7 +206,7 @@ def write_outputs(plan: BenchPlan, out: Path, command: str, engine_rows, capacit
     if engine_rows:
         written["bench.parquet"] = write_parquet(engine_rows, out / "bench.parquet")
         written["scaling.png"] = plot_scaling(engine_rows, out / "scaling.png",
-                                              f"{plan.config}, cluster {plan.address or 'local'}")
+                                              f"{plan.config}, cluster {cluster_address(plan.address)[0] or 'local'}")
         sections.append((f"Scaling: {plan.config}", engine_section(engine_rows) + "\n\n![scaling](scaling.png)"))
     if capacity_rows:
         written["capacity.parquet"] = write_parquet(capacity_rows, out / "capacity.parquet")

@@ -41,6 +41,9 @@ def check_reachable(address: str, source: str = "--address", timeout_s: float = 
     `source`: where the address came from, for the message."""
     if address == "auto":
         return
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(f"{source} {address!r} is a dashboard (Jobs API) address, which `ray job submit` takes; "
+                           "join the cluster at its HOST:6379, ray://HOST:10001 or 'auto'")
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -49,6 +52,15 @@ def check_reachable(address: str, source: str = "--address", timeout_s: float = 
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({source}): {exc.strerror or exc}") from None
+
+
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """(the cluster a command joins, where that came from): `address`, else the environment's
+    RAY_ADDRESS; None, and Ray's "local", for a new local cluster."""
+    source = "--address"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return (None if address in (None, "", "local") else address), source
 
 
 @contextmanager
@@ -60,9 +72,7 @@ def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = Fa
     if ray.is_initialized():
         yield  # leave it running: it is not ours
         return
-    source = "--address"
-    if not address and os.environ.get("RAY_ADDRESS"):
-        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    address, source = cluster_address(address)
     if address:
         check_reachable(address, source)
     try:

@@ -41,16 +41,19 @@ def eval_timeout_s(tasks: int) -> float:
 
 def score_in_shards(shards: list[Shard], send: Callable[[list[Shard]], dict], what: str,
                     say: Callable[[str], None], after_loss: Callable[[list, list], None],
-                    failed_context: str = "") -> TaskScores:
+                    failed_context: str = "", wedged_after: bool = True) -> TaskScores:
     """The scores of every task in `shards`. `send(shards)` sends each shard to an actor of its
-    choice, as {reference to its scores: (start, stop, actor)}. A shard whose actor died, or did not
-    answer within `eval_timeout_s` of the largest shard, is sent again (tasks are seeded: the same
-    scores), after `after_loss(the actors lost, the actors that answered)`; at most EVAL_ATTEMPTS
-    times, then RunFailed (`what`: "test evaluation", say; `failed_context` ends that message)."""
+    choice, as {reference to its scores: (start, stop, actor)}. A shard whose actor died, or (with
+    `wedged_after`) did not answer within `eval_timeout_s` of the largest shard, is sent again
+    (tasks are seeded: the same scores), after `after_loss(the actors lost, the actors that
+    answered)`; at most EVAL_ATTEMPTS times, then RunFailed (`what`: "test evaluation", say;
+    `failed_context` ends that message)."""
     tasks, parts = sum(hi - lo for lo, hi in shards), {}
+    if not shards:
+        return combine_scores([])
     for _ in range(EVAL_ATTEMPTS):
         sent = send(shards)
-        timeout = eval_timeout_s(max(hi - lo for lo, hi in shards))
+        timeout = eval_timeout_s(max(hi - lo for lo, hi in shards)) if wedged_after else None
         done, late = ray.wait(list(sent), num_returns=len(sent), timeout=timeout)
         answered, lost = [], [sent[ref] for ref in late]
         for ref in done:
@@ -73,8 +76,9 @@ def score_on_ray(cfg: Config, plugins: Plugins, theta: np.ndarray, moment: Inner
                  on_gpus: bool = False, say: Callable[[str], None] | None = None) -> TaskScores:
     """Tasks 0..tasks-1 of `split` scored by `workers` actors on the cluster at `address`, or on a
     local one started for the evaluation (inside a running Ray session, on that). `on_gpus`: each
-    actor takes an adapt worker's GPU share where the cluster has GPUs; else a CPU share. A lost
-    shard is scored again on a new actor, in place of the one lost (killed: it may be wedged)."""
+    actor takes an adapt worker's GPU share where the cluster has GPUs; else a CPU share. A shard
+    lost with its actor is scored again on a new one. No time limit: a user's network may take
+    any time a task, and an actor that dies still shows as lost."""
     say = say or (lambda message: print(message, file=sys.stderr))
     cfg = cfg.replace(workers=workers, **({} if on_gpus else {"gpus_per_worker": 0.0}))
     cpus = local_cluster_cpus(lambda has_gpus: bundle_cpus(placement_bundles(cfg, has_gpus)[1:]))
@@ -97,13 +101,10 @@ def score_on_ray(cfg: Config, plugins: Plugins, theta: np.ndarray, moment: Inner
             return {actor.score.remote(theta_ref, split, lo, hi, moment, transductive): (lo, hi, actor)
                     for actor, (lo, hi) in zip(started(len(shards)), shards)}
 
-        def after_loss(lost: list, answered: list) -> None:
-            for actor in lost:  # frees its share for the new one
-                ray.kill(actor)
-
         try:
             theta_ref = ray.put(theta)
-            return score_in_shards(shard_bounds(tasks, workers), send, f"{split} evaluation", say, after_loss)
+            return score_in_shards(shard_bounds(tasks, workers), send, f"{split} evaluation", say,
+                                   after_loss=lambda lost, answered: None, wedged_after=False)
         finally:
             for actor in actors:
                 ray.kill(actor)
