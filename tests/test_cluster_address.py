@@ -73,18 +73,10 @@ def test_a_command_joins_the_cluster_ray_address_names(ray_local, tmp_path):
     assert (tmp_path / "run" / "final.pt").exists()
 
 
-@pytest.mark.slow  # a Ray run in a second process
-def test_ray_address_local_starts_a_new_local_cluster(tmp_path):
-    result = cli(TINY_RAY_RUN + ["--out", str(tmp_path / "run")], "local")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Started a local Ray instance" in result.stderr
-    assert (tmp_path / "run" / "final.pt").exists()
-
-
 @pytest.mark.slow  # starts a Ray instance in a second process
 def test_the_local_cluster_is_a_new_one_even_where_ray_address_is_set():
-    # The tests' own cluster, and every command without an address where RAY_ADDRESS is unset,
-    # start through start_local_ray; ray.init alone would try to join RAY_ADDRESS's cluster.
+    # The tests' own cluster, and every command without an address where RAY_ADDRESS is unset or
+    # "local", start through start_local_ray; ray.init alone would try to join RAY_ADDRESS's cluster.
     code = ("import ray\n"
             "from reptile_dist.engine.cluster import start_local_ray\n"
             "start_local_ray(num_cpus=1, log_to_driver=False)\n"
