@@ -53,6 +53,12 @@ class BenchPlan:
     model_presets: tuple[str, ...] = OMNIGLOT_PRESETS
     baselines: bool = True  # the local trainer against the plain loop, and its threads beside a busy process
 
+    @property
+    def cluster(self) -> str:
+        """The cluster the bench runs on, as its rows and plot name it: the address it joins
+        (`--address`, else RAY_ADDRESS), or "local"."""
+        return cluster_address(self.address)[0] or "local"
+
     def __post_init__(self):
         if not self.workers or min(self.workers) < 1:
             raise ConfigError(f"--workers must be whole numbers >= 1, got {self.workers}")
@@ -136,7 +142,7 @@ def describe(plan: BenchPlan, cfg: Config, params: int, local: float, batched: f
         "straggler_factor": straggler_factor, "straggler_worker": STRAGGLER_WORKER,
         "straggler": f"worker {STRAGGLER_WORKER} x{straggler_factor:g}" if straggler_factor > 1 else "none",
         "tasks_per_push": cfg.tasks_per_push, "batched_adaptation": cfg.batched_adaptation,
-        "address": cluster_address(plan.address)[0] or "local", "cpu_count": os.cpu_count() or 0, "warmup_s": plan.warmup,
+        "address": plan.cluster, "cpu_count": os.cpu_count() or 0, "warmup_s": plan.warmup,
         "local_tasks_per_s": local, "local_batched_tasks_per_s": batched,
     }
 
@@ -206,7 +212,7 @@ def write_outputs(plan: BenchPlan, out: Path, command: str, engine_rows, capacit
     if engine_rows:
         written["bench.parquet"] = write_parquet(engine_rows, out / "bench.parquet")
         written["scaling.png"] = plot_scaling(engine_rows, out / "scaling.png",
-                                              f"{plan.config}, cluster {cluster_address(plan.address)[0] or 'local'}")
+                                              f"{plan.config}, cluster {plan.cluster}")
         sections.append((f"Scaling: {plan.config}", engine_section(engine_rows) + "\n\n![scaling](scaling.png)"))
     if capacity_rows:
         written["capacity.parquet"] = write_parquet(capacity_rows, out / "capacity.parquet")
