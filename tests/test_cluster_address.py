@@ -60,7 +60,7 @@ def test_a_dashboard_address_is_one_line_naming_the_addresses_that_join(tmp_path
 
 def test_an_explicit_address_wins_over_the_environments(tmp_path):
     result = cli(TINY_RAY_RUN + ["--address", "127.0.0.1:7", "--out", str(tmp_path / "run")], UNREACHABLE)
-    assert result.returncode == 2 and "at '127.0.0.1:7' (--address)" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and "at '127.0.0.1:7' (--address or the config's address:)" in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.slow  # a Ray run in a second process, joining this session's cluster
@@ -85,3 +85,29 @@ def test_the_local_cluster_is_a_new_one_even_where_ray_address_is_set():
                             env={**os.environ, "RAY_ADDRESS": UNREACHABLE})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cpus 1.0" in result.stdout
+
+
+def test_an_address_from_the_config_wins_over_the_environments_and_is_named(tmp_path):
+    # the `address:` knob (--address sets it too), here from --set, wins over RAY_ADDRESS
+    result = cli(TINY_RAY_RUN + ["--set", "address=127.0.0.1:7", "--out", str(tmp_path / "run")], UNREACHABLE)
+    err = result.stderr.strip()
+    assert result.returncode == 2 and err.count("\n") == 0, err[-2000:]
+    assert "cannot reach the Ray cluster at '127.0.0.1:7' (--address or the config's address:)" in err, err
+
+
+def test_a_bracketed_ipv6_address_is_dialled_without_its_brackets():
+    import socket
+
+    from reptile_dist.engine.cluster import ClusterError, check_reachable
+
+    with socket.socket(socket.AF_INET6) as server:
+        try:
+            server.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
+        server.listen()
+        port = server.getsockname()[1]
+        check_reachable(f"[::1]:{port}")  # reaches the listener: no error
+        check_reachable(f"ray://[::1]:{port}")
+    with pytest.raises(ClusterError, match=r"cannot reach the Ray cluster at '\[::1\]:\d+' \(--address\)"):
+        check_reachable(f"[::1]:{port}", timeout_s=1.0)

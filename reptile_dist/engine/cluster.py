@@ -46,6 +46,7 @@ def check_reachable(address: str, source: str = "--address", timeout_s: float = 
                            "join the cluster at its HOST:6379, ray://HOST:10001 or 'auto'")
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [IPv6]:PORT
     if not host or not port.isdigit():
         raise ClusterError(f"{source} {address!r} is not 'auto', HOST:PORT or ray://HOST:PORT")
     try:
@@ -54,25 +55,25 @@ def check_reachable(address: str, source: str = "--address", timeout_s: float = 
         raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({source}): {exc.strerror or exc}") from None
 
 
-def cluster_address(address: str | None) -> tuple[str | None, str]:
-    """(the cluster a command joins, where that came from): `address`, else the environment's
-    RAY_ADDRESS; None, and Ray's "local", for a new local cluster."""
-    source = "--address"
+def cluster_address(address: str | None, source: str = "--address") -> tuple[str | None, str]:
+    """(the cluster a command joins, where that came from): `address` (from `source`), else the
+    environment's RAY_ADDRESS; None, and Ray's "local", for a new local cluster."""
     if not address and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     return (None if address in (None, "", "local") else address), source
 
 
 @contextmanager
-def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = False) -> Iterator[None]:
-    """Join `address`, else the cluster that the environment's RAY_ADDRESS names (as Ray itself
+def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = False,
+                source: str = "--address") -> Iterator[None]:
+    """Join `address` (`source` names where it came from, for messages), else the cluster that the environment's RAY_ADDRESS names (as Ray itself
     does; `ray job submit` sets it for a job's command), else start a local cluster in-process that
     advertises `num_cpus` logical CPUs; shut down at the end. Inside a running session (a Tune
     trial, a caller's), use that one."""
     if ray.is_initialized():
         yield  # leave it running: it is not ours
         return
-    address, source = cluster_address(address)
+    address, source = cluster_address(address, source)
     if address:
         check_reachable(address, source)
     try:
@@ -106,11 +107,13 @@ def local_cluster_cpus(cpus_needed: Callable[[bool], float]) -> int:
 
 
 def ray_cluster(cfg: Config, address: str | None):
-    """`ray_session` for one run; a local cluster has room for the run's placement group. Ray
-    Train's placement-group cleaner polls the state API, which the dashboard serves (on
-    127.0.0.1); without it, it logs a warning every second of an allreduce run."""
+    """`ray_session` for one run, on `address`, else the config's `address:`; a local cluster has
+    room for the run's placement group. Ray Train's placement-group cleaner polls the state API,
+    which the dashboard serves (on 127.0.0.1); without it, it logs a warning every second of an
+    allreduce run."""
     cpus = local_cluster_cpus(lambda cluster_has_gpus: bundle_cpus(placement_bundles(cfg, cluster_has_gpus)))
-    return ray_session(address, cpus, include_dashboard=cfg.mode == "allreduce")
+    source = "--address" if address or not cfg.address else "--address or the config's address:"
+    return ray_session(address or cfg.address or None, cpus, include_dashboard=cfg.mode == "allreduce", source=source)
 
 
 def run_on_cluster(cfg: Config, out: str, address: str | None, resume: bool, say: Callable[[str], None],
@@ -123,7 +126,7 @@ def run_on_cluster(cfg: Config, out: str, address: str | None, resume: bool, say
     if finished is not None:
         return finished
     prepared = prepare_run(cfg, plugins)
-    with ray_cluster(cfg, address or cfg.address or None):
+    with ray_cluster(cfg, address):
         s = setup_run(cfg, out, resume, say, prepared)
         try:
             return fit(s)
