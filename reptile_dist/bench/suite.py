@@ -90,7 +90,7 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
     capacity_rows: list[dict[str, Any]] = []
     rates: dict[str, float] = {}
     cluster_mode = "allreduce" if "allreduce" in plan.modes else cfg.mode
-    with ray_cluster(cfg.replace(backend="ray", workers=max(workers), mode=cluster_mode, address=""), plan.address):
+    with ray_cluster(cfg.replace(backend="ray", workers=max(workers), mode=cluster_mode), plan.address):
         if plan.modes:
             local = measure_local(cfg, family, plan.seconds, plan.warmup)
             batched = measure_local(cfg.replace(batched_adaptation=True), family, plan.seconds, plan.warmup)

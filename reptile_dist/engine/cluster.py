@@ -66,10 +66,10 @@ def cluster_address(address: str | None, source: str = "--address") -> tuple[str
 @contextmanager
 def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = False,
                 source: str = "--address") -> Iterator[None]:
-    """Join `address` (`source` names where it came from, for messages), else the cluster that the environment's RAY_ADDRESS names (as Ray itself
-    does; `ray job submit` sets it for a job's command), else start a local cluster in-process that
-    advertises `num_cpus` logical CPUs; shut down at the end. Inside a running session (a Tune
-    trial, a caller's), use that one."""
+    """Join `address` (`source`: where it came from, for messages), else the cluster that the
+    environment's RAY_ADDRESS names (as Ray itself does; `ray job submit` sets it for a job's
+    command), else start a local cluster in-process that advertises `num_cpus` logical CPUs; shut
+    down at the end. Inside a running session (a Tune trial, a caller's), use that one."""
     if ray.is_initialized():
         yield  # leave it running: it is not ours
         return
@@ -106,14 +106,12 @@ def local_cluster_cpus(cpus_needed: Callable[[bool], float]) -> int:
     return max(os.cpu_count() or 1, math.ceil(max(cpus_needed(False), cpus_needed(True))))
 
 
-def ray_cluster(cfg: Config, address: str | None):
-    """`ray_session` for one run, on `address`, else the config's `address:`; a local cluster has
-    room for the run's placement group. Ray Train's placement-group cleaner polls the state API,
-    which the dashboard serves (on 127.0.0.1); without it, it logs a warning every second of an
-    allreduce run."""
+def ray_cluster(cfg: Config, address: str | None, source: str = "--address"):
+    """`ray_session` for one run; a local cluster has room for the run's placement group. Ray
+    Train's placement-group cleaner polls the state API, which the dashboard serves (on
+    127.0.0.1); without it, it logs a warning every second of an allreduce run."""
     cpus = local_cluster_cpus(lambda cluster_has_gpus: bundle_cpus(placement_bundles(cfg, cluster_has_gpus)))
-    source = "--address" if address or not cfg.address else "--address or the config's address:"
-    return ray_session(address or cfg.address or None, cpus, include_dashboard=cfg.mode == "allreduce", source=source)
+    return ray_session(address, cpus, include_dashboard=cfg.mode == "allreduce", source=source)
 
 
 def run_on_cluster(cfg: Config, out: str, address: str | None, resume: bool, say: Callable[[str], None],
@@ -126,7 +124,9 @@ def run_on_cluster(cfg: Config, out: str, address: str | None, resume: bool, say
     if finished is not None:
         return finished
     prepared = prepare_run(cfg, plugins)
-    with ray_cluster(cfg, address):
+    # The CLI's --address arrives as the config's address: (it sets that knob).
+    source = "--address" if address or not cfg.address else "--address or the config's address:"
+    with ray_cluster(cfg, address or cfg.address or None, source):
         s = setup_run(cfg, out, resume, say, prepared)
         try:
             return fit(s)
