@@ -91,11 +91,13 @@ ensure_token() {
 # command lines, except the Ray Client server (present with ray[default]), which names the head's
 # address; workers and agents rename themselves (ray::IDLE, ...) but descend from a raylet.
 # Scoping like this, instead of `ray stop`, leaves other Ray instances on the machine (a test
-# suite's ray.init(), another user's cluster) alone.
+# suite's ray.init(), another user's cluster) alone. `ps -ww`: without it ps cuts each line at
+# $COLUMNS (80 under pytest-xdist, a narrow terminal's width), before the temp dir, and `down`
+# found nothing to stop.
 cluster_pids() {
   local address=""
   [[ -s "$TEMP_DIR/ray_current_cluster" ]] && address=$(cat "$TEMP_DIR/ray_current_cluster")
-  ps -eo pid=,ppid=,args= | NEEDLE="$TEMP_DIR" ADDRESS="$address" SELF="$$" awk '
+  ps -ww -eo pid=,ppid=,args= | NEEDLE="$TEMP_DIR" ADDRESS="$address" SELF="$$" awk '
     {
       pid = $1; parent[pid] = $2; order[NR] = pid
       n = ENVIRON["NEEDLE"]; a = ENVIRON["ADDRESS"]; line = $0

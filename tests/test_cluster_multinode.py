@@ -65,9 +65,32 @@ def ray_list(kind: str, cluster: dict, *filters: str) -> list[dict]:
     return json.loads(result.stdout)
 
 
+def cluster_processes(temp_dir: str) -> list[str]:
+    """The command lines naming the cluster's temp dir (its daemons), read at full width."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    return [line.strip() for line in ps.splitlines() if temp_dir in line]
+
+
+def the_only_process_with_the_cluster(tmp_path_factory, worker_id: str) -> None:
+    """Fails where another pytest process of this run also set the cluster up: the xdist group did
+    not keep this module's tests together (pytest-dev/pytest-xdist#1386, under pytest 9.2), and each
+    process would start, and wait on, a cluster of its own."""
+    if worker_id == "master":
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # the run's folder, above each process's own
+    mine = shared / f"two-node-cluster-{worker_id}"
+    mine.touch()
+    others = sorted(p.name.rsplit("-", 1)[1] for p in shared.glob("two-node-cluster-*") if p != mine)
+    if others:
+        pytest.fail(f"the two-node cluster's tests ran in {worker_id} and {', '.join(others)}: --dist loadgroup "
+                    "did not group them (pytest-xdist#1386; pyproject.toml keeps pytest below 9.2)", pytrace=False)
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory, worker_id):
     from ray._private.utils import get_dashboard_dependency_error
+
+    the_only_process_with_the_cluster(tmp_path_factory, worker_id)
 
     missing = get_dashboard_dependency_error()
     if missing is not None:
@@ -83,7 +106,10 @@ def cluster():
     ports = {"REPTILE_RAY_PORT": free_port(taken), "REPTILE_DASHBOARD_PORT": free_port(taken),
              "REPTILE_RAY_CLIENT_PORT": free_port(taken), "REPTILE_AGENT_PORT": free_port(taken, span=2)}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the job API address is explicit
-    env.update({k: str(v) for k, v in ports.items()}, REPTILE_RAY_TEMP_DIR=temp_dir, RAY_AUTH_MODE="token")
+    # COLUMNS: a narrow terminal's width (pytest-xdist sets 80), which `ps` cuts lines at unless told
+    # not to; local.sh must still find its processes.
+    env.update({k: str(v) for k, v in ports.items()}, REPTILE_RAY_TEMP_DIR=temp_dir, RAY_AUTH_MODE="token",
+               COLUMNS="80")
     try:
         up = run([str(LOCAL_SH), "up", "1"], env, UP_TIMEOUT_S)
         assert up.returncode == 0, f"local.sh up failed:\n{up.stdout}\n{up.stderr}"
@@ -91,8 +117,13 @@ def cluster():
                "dashboard_port": ports["REPTILE_DASHBOARD_PORT"], "up": up.stdout}
     finally:
         down = run([str(LOCAL_SH), "down"], env, 60)
+        left = cluster_processes(temp_dir)
+        for line in left:  # not left running for the rest of the suite (and the machine)
+            subprocess.run(["kill", "-9", line.split()[0]], capture_output=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert down.returncode == 0, f"local.sh down failed:\n{down.stdout}\n{down.stderr}"
+        assert not left, f"local.sh down left {len(left)} of the cluster's processes running:\n{down.stdout}\n" + \
+            "\n".join(left)
 
 
 @pytest.fixture(scope="module")
