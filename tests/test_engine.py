@@ -62,30 +62,24 @@ def test_async_trains_sine_into_the_local_trainers_loss_band(ray_local, tmp_path
 
 
 @pytest.mark.slow
-def test_async_prefetch_with_one_worker_follows_the_same_path_as_without(ray_local, tmp_path):
-    """With prefetch the worker adapts its next tasks before its push comes back, from the theta
-    it has with its own push applied: with one worker that is the theta the PS answers with, so
-    the run equals the one that waits (same tasks, same updates, staleness 0)."""
-    cfg = tiny("synthetic", meta_iters=6, inner_state="carried", meta_step_size=0.7).replace(
-        backend="ray", mode="async", workers=1)
-    waiting = train_ray(cfg, str(tmp_path / "waiting"), **quiet)
-    ahead = train_ray(cfg.replace(prefetch=True), str(tmp_path / "ahead"), **quiet)
-    assert ahead["staleness_histogram"] == waiting["staleness_histogram"] == {0: cfg.meta_iters}
-    a, b = _params(tmp_path / "waiting"), _params(tmp_path / "ahead")
-    assert not torch.equal(a, _initial(cfg))
-    assert torch.equal(a, b)  # bit for bit: the worker applies the float64 sum as the PS does
-    moments = [load_checkpoint(str(tmp_path / run / "final.pt"))["inner_moment"]["sq"] for run in ("waiting", "ahead")]
-    assert torch.equal(*moments)
-
-
-@pytest.mark.slow
-def test_async_with_one_worker_looks_ahead_and_equals_sync(ray_local, tmp_path):
+def test_one_async_worker_is_sync_by_another_name_with_or_without_prefetch(ray_local, tmp_path):
     """One async worker is sync mode by another name (its push is the whole update, at staleness
-    0), so it looks ahead as a lone sync worker does, without `prefetch`, and ends where sync does."""
-    cfg = tiny("synthetic", meta_iters=5, inner_state="carried", meta_step_size=0.7).replace(backend="ray", workers=1)
-    summaries = {mode: train_ray(cfg.replace(mode=mode), str(tmp_path / mode), **quiet) for mode in ("sync", "async")}
+    0), so it looks ahead as a lone sync worker does, without `prefetch`, and ends where sync does.
+    With prefetch the worker adapts its next tasks before its push comes back, from the theta it
+    has with its own push applied: with one worker that is the theta the PS answers with, so the
+    run equals the one that waits (same tasks, same updates, staleness 0)."""
+    cfg = tiny("synthetic", meta_iters=6, inner_state="carried", meta_step_size=0.7).replace(backend="ray", workers=1)
+    runs = {"sync": cfg.replace(mode="sync"), "async": cfg.replace(mode="async"),
+            "prefetch": cfg.replace(mode="async", prefetch=True)}
+    summaries = {name: train_ray(run_cfg, str(tmp_path / name), **quiet) for name, run_cfg in runs.items()}
     assert [summaries[m]["adapted_ahead"] for m in ("sync", "async")] == [cfg.meta_iters - 1] * 2
-    assert torch.equal(_params(tmp_path / "sync"), _params(tmp_path / "async"))
+    assert summaries["prefetch"]["staleness_histogram"] == summaries["async"]["staleness_histogram"] == {0: cfg.meta_iters}
+    params = {name: _params(tmp_path / name) for name in runs}
+    assert not torch.equal(params["sync"], _initial(cfg))
+    # bit for bit: the worker applies the float64 sum as the PS does
+    assert torch.equal(params["sync"], params["async"]) and torch.equal(params["async"], params["prefetch"])
+    moments = [load_checkpoint(str(tmp_path / name / "final.pt"))["inner_moment"]["sq"] for name in ("async", "prefetch")]
+    assert torch.equal(*moments)
 
 
 @pytest.mark.slow
