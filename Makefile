@@ -18,9 +18,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/reptile-dist train --config sine --backend ray --workers 2 --mode sync --out runs/sine-$$(date +%Y%m%d-%H%M%S)
 
-# Two pytest processes (pytest-xdist), each with its own local Ray cluster: most slow tests wait on
-# Ray's start-up, not on a core. Tests go to whichever process is free; those marked with one
-# xdist_group (the two-node cluster's) stay together, so their module fixture starts once.
+# Two pytest processes (pytest-xdist), each with its own local Ray cluster; the slow tests keep both
+# cores busy (README). Tests go to whichever process is free; those marked with one xdist_group
+# (the two-node cluster's, the official Omniglot release's) stay together, so that what they set up
+# (the cluster, the prepared release) is set up once.
 TEST_PROCESSES ?= 2
 PYTEST_PARALLEL := -n $(TEST_PROCESSES) --dist loadgroup
 

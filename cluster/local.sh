@@ -92,8 +92,8 @@ ensure_token() {
 # address; workers and agents rename themselves (ray::IDLE, ...) but descend from a raylet.
 # Scoping like this, instead of `ray stop`, leaves other Ray instances on the machine (a test
 # suite's ray.init(), another user's cluster) alone. `ps -ww`: without it ps cuts each line at
-# $COLUMNS (80 under pytest-xdist, a narrow terminal's width), before the temp dir, and `down`
-# found nothing to stop.
+# $COLUMNS where the environment sets it (80 in pytest-xdist's workers here), before the temp
+# dir, and `down` found nothing to stop.
 cluster_pids() {
   local address=""
   [[ -s "$TEMP_DIR/ray_current_cluster" ]] && address=$(cat "$TEMP_DIR/ray_current_cluster")

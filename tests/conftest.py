@@ -40,6 +40,11 @@ def tiny(name: str, **overrides):
     return load_config(name, base)
 
 
+# Each pytest process prepares the full release for itself (about 10 s on 2 busy cores): the tests
+# that use it carry this mark, so that under `make test` (--dist loadgroup) one process runs them all.
+OFFICIAL_OMNIGLOT_GROUP = pytest.mark.xdist_group("official-omniglot")
+
+
 @pytest.fixture(scope="session")
 def official_omniglot_table(tmp_path_factory) -> Path:
     """The full official Omniglot table, prepared once per session; skips where the release is absent."""

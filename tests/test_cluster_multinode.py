@@ -66,17 +66,21 @@ def ray_list(kind: str, cluster: dict, *filters: str) -> list[dict]:
 
 
 def cluster_processes(temp_dir: str) -> list[str]:
-    """The command lines naming the cluster's temp dir (its daemons), read at full width."""
+    """The command lines naming the cluster's temp dir, read at full width: its daemons (gcs_server,
+    raylets, dashboard, monitors). Ray's workers rename themselves (ray::IDLE) and are not among
+    them; they exit with their raylet."""
     ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
     return [line.strip() for line in ps.splitlines() if temp_dir in line]
 
 
-def the_only_process_with_the_cluster(tmp_path_factory, worker_id: str) -> None:
+def the_only_process_with_the_cluster(request, tmp_path_factory) -> None:
     """Fails where another pytest process of this run also set the cluster up: the xdist group did
     not keep this module's tests together (pytest-dev/pytest-xdist#1386, under pytest 9.2), and each
     process would start, and wait on, a cluster of its own."""
-    if worker_id == "master":
+    workerinput = getattr(request.config, "workerinput", None)  # set in pytest-xdist's workers only
+    if workerinput is None:  # one pytest process
         return
+    worker_id = workerinput["workerid"]
     shared = tmp_path_factory.getbasetemp().parent  # the run's folder, above each process's own
     mine = shared / f"two-node-cluster-{worker_id}"
     mine.touch()
@@ -87,10 +91,10 @@ def the_only_process_with_the_cluster(tmp_path_factory, worker_id: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, worker_id):
+def cluster(request, tmp_path_factory):
     from ray._private.utils import get_dashboard_dependency_error
 
-    the_only_process_with_the_cluster(tmp_path_factory, worker_id)
+    the_only_process_with_the_cluster(request, tmp_path_factory)
 
     missing = get_dashboard_dependency_error()
     if missing is not None:
@@ -106,8 +110,9 @@ def cluster(tmp_path_factory, worker_id):
     ports = {"REPTILE_RAY_PORT": free_port(taken), "REPTILE_DASHBOARD_PORT": free_port(taken),
              "REPTILE_RAY_CLIENT_PORT": free_port(taken), "REPTILE_AGENT_PORT": free_port(taken, span=2)}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the job API address is explicit
-    # COLUMNS: a narrow terminal's width (pytest-xdist sets 80), which `ps` cuts lines at unless told
-    # not to; local.sh must still find its processes.
+    # COLUMNS: a narrow terminal's width (pytest-xdist's workers had 80 in their environment here; a
+    # plain pytest process had none), which `ps` cuts lines at unless told not to; local.sh must
+    # still find its processes.
     env.update({k: str(v) for k, v in ports.items()}, REPTILE_RAY_TEMP_DIR=temp_dir, RAY_AUTH_MODE="token",
                COLUMNS="80")
     try:
@@ -116,7 +121,10 @@ def cluster(tmp_path_factory, worker_id):
         yield {"env": env, "dashboard": f"http://127.0.0.1:{ports['REPTILE_DASHBOARD_PORT']}",
                "dashboard_port": ports["REPTILE_DASHBOARD_PORT"], "up": up.stdout}
     finally:
-        down = run([str(LOCAL_SH), "down"], env, 60)
+        try:
+            down = run([str(LOCAL_SH), "down"], env, 60)
+        except subprocess.TimeoutExpired as exc:
+            down = subprocess.CompletedProcess(exc.cmd, -1, exc.stdout or "", f"timed out after {exc.timeout} s")
         left = cluster_processes(temp_dir)
         for line in left:  # not left running for the rest of the suite (and the machine)
             subprocess.run(["kill", "-9", line.split()[0]], capture_output=True)
