@@ -40,9 +40,14 @@ def tiny(name: str, **overrides):
     return load_config(name, base)
 
 
-# Each pytest process prepares the full release for itself (about 10 s on 2 busy cores): the tests
-# that use it carry this mark, so that under `make test` (--dist loadgroup) one process runs them all.
-OFFICIAL_OMNIGLOT_GROUP = pytest.mark.xdist_group("official-omniglot")
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(items):
+    """Each pytest process prepares the full release for itself (about 10 s on 2 busy cores): every
+    test that uses it, directly or through another fixture, goes to one xdist group, so that under
+    `make test` (--dist loadgroup) one process runs them all."""
+    for item in items:
+        if "official_omniglot_table" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("official-omniglot"))
 
 
 @pytest.fixture(scope="session")

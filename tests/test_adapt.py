@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import OFFICIAL_OMNIGLOT_GROUP, REPO
+from conftest import REPO
 from reptile_dist.pretrained import AdaptError, adapt_and_predict, export_final, load_pretrained
 from reptile_dist.cli import main
 from reptile_dist.config import load_config
@@ -77,7 +77,6 @@ def accuracy(predictions, truth) -> float:
 
 
 @pytest.mark.slow  # prepares the full release, then adapts 20 tasks
-@OFFICIAL_OMNIGLOT_GROUP
 @pytest.mark.parametrize("transductive", [False, True])
 def test_pretrained_model_classifies_held_out_characters_well_above_chance(official_classes, tmp_path, transductive):
     hits = []

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -127,7 +128,10 @@ def cluster(request, tmp_path_factory):
             down = subprocess.CompletedProcess(exc.cmd, -1, exc.stdout or "", f"timed out after {exc.timeout} s")
         left = cluster_processes(temp_dir)
         for line in left:  # not left running for the rest of the suite (and the machine)
-            subprocess.run(["kill", "-9", line.split()[0]], capture_output=True)
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert down.returncode == 0, f"local.sh down failed:\n{down.stdout}\n{down.stderr}"
         assert not left, f"local.sh down left {len(left)} of the cluster's processes running:\n{down.stdout}\n" + \

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from conftest import OFFICIAL_OMNIGLOT_GROUP, PAPER_SIZED_RELEASE, SMALL_RELEASE
+from conftest import PAPER_SIZED_RELEASE, SMALL_RELEASE
 from reptile_dist.data.omniglot import (
     PAPER_TRAIN_CHARACTERS,
     DataError,
@@ -65,7 +65,6 @@ def write_release(folder: Path, broken: str | None = None) -> None:
 
 
 @pytest.mark.slow  # prepares the full release (32,460 drawings)
-@OFFICIAL_OMNIGLOT_GROUP
 def test_paper_split_has_4800_rotated_train_classes_and_423_test_classes_of_20(official_omniglot_table):
     classes = load_omniglot(official_omniglot_table, split="paper")
     summary = split_summary(classes)
@@ -79,7 +78,6 @@ def test_paper_split_has_4800_rotated_train_classes_and_423_test_classes_of_20(o
 
 
 @pytest.mark.slow  # prepares the full release (32,460 drawings)
-@OFFICIAL_OMNIGLOT_GROUP
 def test_alphabet_split_of_the_release_has_964_background_and_659_evaluation_characters(official_omniglot_table):
     classes = load_omniglot(official_omniglot_table, split="alphabet")
     summary = split_summary(classes)
