@@ -5,6 +5,8 @@ the other, with nothing else on the machine, and compare the ratios.
     PYTHONPATH=. python benchmarks/ps_capacity_probe.py new
     (cd ../old-checkout && PYTHONPATH=. python /path/to/benchmarks/ps_capacity_probe.py old)
     PYTHONPATH=. python benchmarks/ps_capacity_probe.py new --inline default --params 100000 --pushers 1 2
+    PYTHONPATH=. python benchmarks/ps_capacity_probe.py --bare --params 100000 --pushers 1 2 4
+    PYTHONPATH=. python benchmarks/ps_capacity_probe.py --bare --threads 16 --params 100000 --pushers 2
 
 It starts its own local Ray cluster with `--inline` as Ray's `max_direct_call_object_size` (objects
 up to that size travel inside a call's message; "default" leaves Ray's 100 KiB; the engine's own
@@ -28,6 +30,10 @@ if __name__ == "__main__":
     parser.add_argument("--pushers", type=int, nargs="+", default=[2])
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the servers' max_concurrency (Ray's thread pool) instead of the engine's (1 for an async PS)")
+    parser.add_argument("--bare", action="store_true",
+                        help="after each figure, the same pushers against a bare actor (bench/ps_capacity.py BareServer)")
     args = parser.parse_args()
     if args.inline != "default" and not args.inline.isdigit():
         parser.error(f"--inline takes a byte count or 'default', not {args.inline!r}")
@@ -36,9 +42,13 @@ if __name__ == "__main__":
     try:
         for params in args.params:
             for pushers in args.pushers:
-                row = measure_capacity(params, args.dtype, pushers, args.seconds, 1.0)
-                print(f"{args.label} inline={args.inline} {params} params {args.dtype} {pushers} pushers: "
+                row = measure_capacity(params, args.dtype, pushers, args.seconds, 1.0, threads=args.threads)
+                print(f"{args.label} inline={args.inline} threads={args.threads or 'engine'} {params} params {args.dtype} {pushers} pushers: "
                       f"{row['pushes_per_s']:.1f} pushes/s, handler {row['handler_pushes_per_s']:.1f}/s, "
                       f"median {row['push_latency_median_ms']:.1f} ms, load {row['load_1m']:.1f}", flush=True)
+                if args.bare:
+                    floor = measure_capacity(params, args.dtype, pushers, args.seconds, 1.0, bare=True, threads=args.threads)
+                    print(f"{'':>{len(args.label)}} bare actor, same pushers: {floor['pushes_per_s']:.1f} pushes/s, "
+                          f"median {floor['push_latency_median_ms']:.1f} ms", flush=True)
     finally:
         ray.shutdown()

@@ -107,7 +107,7 @@ def test_a_lone_workers_wrong_guesses_are_adapted_again_without_a_trace(ray_loca
     theta0 = make_learner(cfg, build_family(cfg, plugins), "cpu", plugins).initial_theta().numpy()
 
     def run(worker_cfg):
-        ps = ray.remote(ParameterServer).options(max_concurrency=concurrency(1)).remote(cfg.to_dict(), theta0)
+        ps = ray.remote(ParameterServer).options(max_concurrency=concurrency(cfg)).remote(cfg.to_dict(), theta0)
         worker = ray.remote(AdaptWorker).options(max_concurrency=2).remote(worker_cfg.to_dict(), 0, None, plugins)
         try:
             return ray.get(worker.run.remote(ps)), ray.get(ps.state.remote())["theta"]

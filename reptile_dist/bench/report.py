@@ -19,7 +19,8 @@ ENGINE_COLUMNS = [
 ]
 CAPACITY_COLUMNS = [
     ("params", "params"), ("delta_dtype", "delta on the wire"), ("delta_mb", "delta MB"), ("pushers", "pushers"),
-    ("pushes_per_s", "deltas absorbed/s"), ("handler_pushes_per_s", "handler alone/s"), ("ps_busy_fraction", "PS busy"),
+    ("pushes_per_s", "deltas absorbed/s"), ("bare_actor_pushes_per_s", "bare actor/s"),
+    ("of_bare_actor", "of bare actor"), ("handler_pushes_per_s", "handler alone/s"), ("ps_busy_fraction", "PS busy"),
     ("push_latency_median_ms", "push ms (median)"), ("mb_per_s", "MB/s"), ("load_1m", "load"),
 ]
 LOCAL_COLUMNS = [

@@ -71,7 +71,7 @@ class EngineActors:
                          applied_tasks: int = 0, generation: int = 1):
         # Half of bundle 0's CPU: the PS mostly waits, and the evaluator takes the other half.
         return self._started(ray.remote(ParameterServer).options(
-            name=f"ps-{self.run_id}-{generation}", num_cpus=PS_CPUS, max_concurrency=concurrency(self.cfg.workers),
+            name=f"ps-{self.run_id}-{generation}", num_cpus=PS_CPUS, max_concurrency=concurrency(self.cfg),
             scheduling_strategy=self.in_bundle(0),
         ).remote(self.cfg.to_dict(), theta, outer_state, version, applied_tasks))
 

@@ -1,13 +1,16 @@
 """The ParameterServer actor: holds theta (flat float32 numpy) and the outer optimizer, and serves
 pulls and pushes for the adapt workers.
 
-A threaded actor (Ray runs its calls on a pool of `concurrency(workers)` threads), so a sync-mode
+In sync mode a threaded actor (Ray runs its calls on a pool of `concurrency(cfg)` threads), so a
 pull can wait for the barrier on its own thread without blocking pushes; one condition variable
 guards the aggregator and wakes the waiting pulls. Threads rather than asyncio: a push holds the
 GIL for its whole (short) handler either way, the code is plain blocking Python, and side by side
-it absorbed as many deltas/s as the asyncio actor it replaced (README "Parameter-server
-capacity": the round trip, not the handler, limits a PS). Its figures go to Ray's metrics API as
-they change (engine/metrics.py).
+it absorbed as many deltas/s as the asyncio actor it replaced. In async mode no call waits (a pull
+answers with the theta at hand, and Ray runs one caller's calls to a plain actor in the order
+sent, which is the order `push` applies them in anyway), so there it is a plain actor, one call at
+a time: Ray's dispatch to a thread pool cost a bare actor a sixth of the deltas it absorbs at 100k
+parameters (README "Parameter-server capacity"). Its figures go to Ray's metrics API as they
+change (engine/metrics.py).
 """
 from __future__ import annotations
 
@@ -29,11 +32,12 @@ PS_CPUS = 0.5  # the parameter server's share of bundle 0 (the evaluator has the
 IN_ORDER_TIMEOUT_S = 5.0
 
 
-def concurrency(workers: int) -> int:
-    """Threads for a PS fed by `workers` adapt workers: a call in flight from each (two from a
-    prefetching one), as many again from replaced workers whose last call still waits for the next
-    version, and the driver's own calls (drain, state, complete_step, stop)."""
-    return 4 * workers + 8
+def concurrency(cfg: Config) -> int:
+    """Ray's max_concurrency for the run's PS. Sync: threads for a call in flight from each of
+    cfg.workers, as many again from replaced workers whose last call still waits for the next
+    version, and the driver's own calls (drain, state, complete_step, stop). Async: 1, a plain actor
+    (no call waits)."""
+    return 1 if cfg.mode == "async" else 4 * cfg.workers + 8
 
 
 class ParameterServer:
