@@ -8,6 +8,8 @@ the other, with nothing else on the machine, and compare the ratios.
     PYTHONPATH=. python benchmarks/ps_capacity_probe.py --bare --params 100000 --pushers 1 2 4
     PYTHONPATH=. python benchmarks/ps_capacity_probe.py --bare --threads 16 --params 100000 --pushers 2
 
+(`--bare` and `--threads` need a checkout that has them: from f98ba2e on.)
+
 It starts its own local Ray cluster with `--inline` as Ray's `max_direct_call_object_size` (objects
 up to that size travel inside a call's message; "default" leaves Ray's 100 KiB; the engine's own
 local clusters use `engine/cluster.py` INLINE_OBJECT_BYTES, 4 MiB), so that a checkout from before
@@ -37,17 +39,21 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.inline != "default" and not args.inline.isdigit():
         parser.error(f"--inline takes a byte count or 'default', not {args.inline!r}")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads takes a count >= 1")
+    # a checkout from before --threads existed (an `old` side) takes no such argument
+    threads = {"threads": args.threads} if args.threads else {}
     system = None if args.inline == "default" else {"max_direct_call_object_size": int(args.inline)}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=system)
     try:
         for params in args.params:
             for pushers in args.pushers:
-                row = measure_capacity(params, args.dtype, pushers, args.seconds, 1.0, threads=args.threads)
+                row = measure_capacity(params, args.dtype, pushers, args.seconds, 1.0, **threads)
                 print(f"{args.label} inline={args.inline} threads={args.threads or 'engine'} {params} params {args.dtype} {pushers} pushers: "
                       f"{row['pushes_per_s']:.1f} pushes/s, handler {row['handler_pushes_per_s']:.1f}/s, "
                       f"median {row['push_latency_median_ms']:.1f} ms, load {row['load_1m']:.1f}", flush=True)
                 if args.bare:
-                    floor = measure_capacity(params, args.dtype, pushers, args.seconds, 1.0, bare=True, threads=args.threads)
+                    floor = measure_capacity(params, args.dtype, pushers, args.seconds, 1.0, bare=True, **threads)
                     print(f"{'':>{len(args.label)}} bare actor, same pushers: {floor['pushes_per_s']:.1f} pushes/s, "
                           f"median {floor['push_latency_median_ms']:.1f} ms", flush=True)
     finally:

@@ -51,7 +51,9 @@ def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_lo
 
     capacity = pq.read_table(tmp_path / "capacity.parquet").to_pylist()
     assert len(capacity) == 1 and capacity[0]["pushes_per_s"] > 0 and capacity[0]["bare_actor_pushes_per_s"] > 0
-    assert capacity[0]["of_bare_actor"] == pytest.approx(capacity[0]["pushes_per_s"] / capacity[0]["bare_actor_pushes_per_s"])
+    empty = [k for k, v in capacity[0].items() if v is None or (isinstance(v, float) and math.isnan(v))]
+    assert not empty, empty
+    assert capacity[0]["of_bare_actor"] > 0 and capacity[0]["bare_actor_load_1m"] >= 0
     assert pq.read_table(tmp_path / "model.parquet").to_pylist()[0]["async_max_workers"] >= 1
     for name in ("scaling.png", "capacity.png"):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -177,6 +179,7 @@ def test_the_bare_actor_takes_the_wire_format_and_answers_theta_as_the_ps_does(d
     from reptile_dist.engine.wire import DeltaCodec
     from reptile_dist.reptile import DeltaSum
 
+    threads = torch.get_num_threads()  # BareServer sets this process's torch threads, as an actor
     delta = torch.linspace(-1, 1, 7, dtype=torch.float64)
     payload = DeltaCodec(7, False, dtype).encode(DeltaSum(delta, 1, 0.0, 0.0))
     payload.vector.setflags(write=False)  # as Ray hands it over
@@ -189,3 +192,4 @@ def test_the_bare_actor_takes_the_wire_format_and_answers_theta_as_the_ps_does(d
     assert server.drain()["counters"]["pushes"] == 1
     server.stop()
     assert server.pull() is None and server.push_pull(0, 1, 1, payload) is None
+    torch.set_num_threads(threads)

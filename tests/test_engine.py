@@ -159,8 +159,9 @@ def _sum(delta, tasks, moment, moment_steps):
 
 
 @pytest.mark.slow  # starts Ray (for the metrics API the parameter server reports to)
-def test_one_worker_loops_pushes_are_applied_in_the_order_sent_whichever_thread_runs_first(ray_local):
-    # A prefetching worker has two pushes on their way, and the PS runs calls on a pool of threads.
+def test_one_worker_loops_pushes_are_applied_in_the_order_sent_whichever_thread_runs_first(ray_local, monkeypatch):
+    # A prefetching worker has two pushes on their way. Ray runs them in that order on the async PS
+    # (a plain actor); on a PS with a pool of threads, `push` must keep the order itself.
     import threading
     import time
 
@@ -181,6 +182,12 @@ def test_one_worker_loops_pushes_are_applied_in_the_order_sent_whichever_thread_
     assert [row["staleness"] for row in ps.drain()["rows"]] == [0.0, 0.0]  # each at the version it was made for
     ps.push(0, 2, 1, payload, ("loop-b", 0))  # another loop (a replaced worker) numbers from 0 again
     assert ps.agg.counters.pushes == 3
+    # A push whose predecessor never arrives is applied after the timeout, and said so.
+    monkeypatch.setattr("reptile_dist.engine.parameter_server.IN_ORDER_TIMEOUT_S", 0.05)
+    ps.push(0, 3, 1, payload, ("loop-b", 2))
+    drained = ps.drain()
+    assert ps.agg.counters.pushes == 4 and len(drained["rows"]) == 2
+    assert drained["messages"] == ["applied push 2 of worker 0 without the one before it, which had not arrived after 0.05 s"]
 
 
 def test_the_aggregator_rejects_a_push_whose_carried_estimate_is_not_finite():

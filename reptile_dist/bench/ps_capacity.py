@@ -74,6 +74,8 @@ class BareServer:
         return None if self.stopped else [(self.theta.numpy().copy(), None), self.version, float(self.version)]
 
     def push_pull(self, worker: int, version: int, tasks: int, payload: WireSum, after_version: int = -1):
+        if self.stopped:
+            return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's warning about read-only arrays, as DeltaCodec.decode
             vector = torch.from_numpy(payload.vector)
@@ -123,7 +125,8 @@ def measure_capacity(params: int, dtype: str, pushers: int, seconds: float, warm
     window = window_figures(first, last, [e for log in logs for e in log if wall0 <= e[0] < wall1])
     busy_per_push = (last["busy_s"] - first["busy_s"]) / max(last["counters"]["pushes"] - first["counters"]["pushes"], 1)
     if bare:
-        return {"pushes_per_s": window["pushes_per_s"], "push_latency_median_ms": window["push_latency_median_ms"]}
+        return {"pushes_per_s": window["pushes_per_s"], "push_latency_median_ms": window["push_latency_median_ms"],
+                "load_1m": max(load_before, load_1m())}
     return {
         "params": params, "delta_dtype": dtype, "delta_mb": payload.nbytes / 1e6, "pushers": pushers,
         "pushes_per_s": window["pushes_per_s"],
@@ -145,7 +148,8 @@ def capacity_sweep(params: list[int], dtypes: list[str], pushers: list[int], sec
                 row = measure_capacity(n, dtype, p, seconds, warmup)
                 floor = measure_capacity(n, dtype, p, seconds, warmup, bare=True)
                 row["bare_actor_pushes_per_s"] = floor["pushes_per_s"]
-                row["of_bare_actor"] = row["pushes_per_s"] / floor["pushes_per_s"]
+                row["of_bare_actor"] = row["pushes_per_s"] / floor["pushes_per_s"] if floor["pushes_per_s"] > 0 else math.nan
+                row["bare_actor_load_1m"] = floor["load_1m"]
                 say(f"PS capacity  {n:>10,} params  {dtype:8}  {p} pushers: {row['pushes_per_s']:7.1f} pushes/s  "
                     f"(bare actor {floor['pushes_per_s']:7.1f}/s, handler alone {row['handler_pushes_per_s']:7.1f}/s, "
                     f"busy {row['ps_busy_fraction']:.2f}, load {row['load_1m']:.1f})")

@@ -28,7 +28,9 @@ from reptile_dist.training import Cadence, set_torch_threads
 
 PS_CPUS = 0.5  # the parameter server's share of bundle 0 (the evaluator has the other half)
 # How long a push waits for the pushes sent before it from the same worker loop (`push`'s `sent`);
-# past it, it is applied anyway: an earlier push that never arrives must not stall the run.
+# past it, it is applied anyway, with a message: an earlier push that never arrives must not stall
+# the run. On the async PS (a plain actor, which runs each caller's calls in the order sent) the
+# wait is a safety net that no call can end early: it holds the only thread for the whole timeout.
 IN_ORDER_TIMEOUT_S = 5.0
 
 
@@ -94,14 +96,18 @@ class ParameterServer:
         """`payload`: the worker's DeltaSum as `DeltaCodec.encode` made it; None when the worker
         found it non-finite and sent only the count. `sent`: (the sending loop's token, this push's
         number in it, from 0), so that one loop's pushes are applied in the order sent: a
-        prefetching worker has two on their way, and either of the threads running them may take
-        the lock first."""
+        prefetching worker has two on their way. Ray already runs them in that order on the async
+        PS (a plain actor); this holds it on any actor with a thread pool, where either of the
+        threads running them may take the lock first."""
         with self.changed:
             try:
                 if sent is not None:
                     loop, number = sent
-                    self.changed.wait_for(lambda: self._next_push.get(loop, 0) >= number or self.stopped,
-                                          timeout=IN_ORDER_TIMEOUT_S)
+                    in_order = self.changed.wait_for(lambda: self._next_push.get(loop, 0) >= number or self.stopped,
+                                                     timeout=IN_ORDER_TIMEOUT_S)
+                    if not in_order:
+                        self.agg.messages.append(f"applied push {number} of worker {worker} without the one before it, "
+                                                 f"which had not arrived after {IN_ORDER_TIMEOUT_S:g} s")
                     self._next_push[loop] = max(self._next_push.get(loop, 0), number + 1)
                 if self.agg.done or self.stopped:
                     return
