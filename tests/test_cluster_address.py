@@ -41,6 +41,8 @@ def test_an_unreachable_ray_address_in_the_environment_is_one_line_naming_it(tmp
     (None, "local", (None, "RAY_ADDRESS")),  # Ray's word for a new local cluster
     ("local", "10.0.0.5:6379", (None, "--address")),
     (None, "", (None, "--address")),
+    ("10.0.0.5:6379/", None, ("10.0.0.5:6379", "--address")),  # pasted as a URL: Ray would dial the "/"
+    (None, "ray://head:10001/", ("ray://head:10001", "RAY_ADDRESS")),
 ])
 def test_the_cluster_is_the_flags_else_the_environments_else_a_new_local_one(monkeypatch, flag, env, expected):
     from reptile_dist.engine.cluster import cluster_address

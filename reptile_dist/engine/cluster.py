@@ -57,9 +57,11 @@ def check_reachable(address: str, source: str = "--address", timeout_s: float = 
 
 def cluster_address(address: str | None, source: str = "--address") -> tuple[str | None, str]:
     """(the cluster a command joins, where that came from): `address` (from `source`), else the
-    environment's RAY_ADDRESS; None, and Ray's "local", for a new local cluster."""
+    environment's RAY_ADDRESS; None, and Ray's "local", for a new local cluster. A trailing "/"
+    (an address pasted as a URL) is dropped: Ray would keep it in the address it dials."""
     if not address and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    address = address.rstrip("/") if address else address
     return (None if address in (None, "", "local") else address), source
 
 
