@@ -123,10 +123,10 @@ def measure_capacity(params: int, dtype: str, pushers: int, seconds: float, warm
         for actor in (ps, *senders):
             ray.kill(actor)
     window = window_figures(first, last, [e for log in logs for e in log if wall0 <= e[0] < wall1])
-    busy_per_push = (last["busy_s"] - first["busy_s"]) / max(last["counters"]["pushes"] - first["counters"]["pushes"], 1)
     if bare:
         return {"pushes_per_s": window["pushes_per_s"], "push_latency_median_ms": window["push_latency_median_ms"],
                 "load_1m": max(load_before, load_1m())}
+    busy_per_push = (last["busy_s"] - first["busy_s"]) / max(last["counters"]["pushes"] - first["counters"]["pushes"], 1)
     return {
         "params": params, "delta_dtype": dtype, "delta_mb": payload.nbytes / 1e6, "pushers": pushers,
         "pushes_per_s": window["pushes_per_s"],
