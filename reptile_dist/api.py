@@ -13,6 +13,7 @@ closure, and reach Ray workers through Ray's own serialization.
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any, Callable, Iterable
 
 import torch
@@ -21,7 +22,8 @@ from torch.nn.utils import parameters_to_vector
 
 from reptile_dist.pretrained import Pretrained, adapt_task, load_pretrained, predict
 from reptile_dist.config import Config, ConfigError, load_config
-from reptile_dist.evaluation import TaskScores, score_task, score_tasks, summarize
+from reptile_dist.evaluation import (SCORES_BLOCK, ScoresFile, TaskScores, combine_scores, evaluation_identity,
+                                     score_task, score_tasks, summarize, task_blocks)
 from reptile_dist.plugins import FamilyInfo, Plugins, check_task, name_of
 from reptile_dist.reptile import InnerMoment, Learner
 from reptile_dist.tasks.base import EVAL_STREAMS, Task, TaskFamily, task_rng
@@ -122,7 +124,7 @@ def adapt(trained: str | nn.Module, support_x: torch.Tensor, support_y: torch.Te
 def evaluate(checkpoint: str, tasks: int | Iterable[Task] | None = None, *, split: str = "test",
              transductive: bool | None = None, family: Factory | None = None, model: Factory | None = None,
              overrides: dict[str, Any] | None = None, device: str | None = None, workers: int = 1,
-             address: str | None = None) -> dict[str, float]:
+             address: str | None = None, scores: str | None = None) -> dict[str, float]:
     """Adapt a final.pt to held-out tasks and score them, as training's final evaluation does:
     mean accuracy (classification, each query beside the support set) and transductive accuracy
     (all queries in one batch) with 95% CIs, or the query loss (regression).
@@ -132,7 +134,9 @@ def evaluate(checkpoint: str, tasks: int | Iterable[Task] | None = None, *, spli
     (non-transductive is the slower). `overrides`: config changes (e.g. {"data": ...}).
     `workers` > 1 or an `address`: the drawn tasks are scored in shards by that many Ray actors (a
     local cluster started for it, or the one at `address`), with the same result as one process
-    (on the same kind of device; a network with dropout draws differently)."""
+    (on the same kind of device; a network with dropout draws differently). `scores`: a file that
+    keeps every task's scores as they are computed (ScoresFile), so an evaluation stopped part way
+    and run again with it scores only the tasks still missing."""
     pretrained = _load(checkpoint, model, device, overrides)
     cfg = pretrained.cfg
     if split not in EVAL_STREAMS:
@@ -141,35 +145,53 @@ def evaluate(checkpoint: str, tasks: int | Iterable[Task] | None = None, *, spli
         raise ConfigError(f"workers={workers!r} is out of range (must be an integer >= 1)")
     threads = set_torch_threads(cfg)
     try:
-        return _evaluate(pretrained, cfg, tasks, split, transductive, family, model, workers, address)
+        return _evaluate(pretrained, cfg, tasks, split, transductive, family, model, workers, address, scores)
     finally:
         torch.set_num_threads(threads)
 
 
 def _evaluate(pretrained: Pretrained, cfg: Config, tasks, split: str, transductive: bool | None,
-              family: Factory | None, model: Factory | None, workers: int, address: str | None) -> dict[str, float]:
+              family: Factory | None, model: Factory | None, workers: int, address: str | None,
+              scores: str | None) -> dict[str, float]:
     learner, theta = pretrained.learner, pretrained.theta
     moment = pretrained.moment if cfg.carries_inner_moment else None  # overrides may say inner_state=fresh
     if tasks is None or isinstance(tasks, int):
         count = cfg.eval_tasks if tasks is None else tasks
         plugins = Plugins.of(cfg, family, model)
         built = plugins.build_family(cfg)  # here first: a missing table or a bad plug-in is one line, not an actor's
+        kept = ScoresFile(scores, evaluation_identity(theta, moment, cfg, split, transductive)) if scores else None
+        todo = kept.missing(count) if kept else ([(0, count)] if count else [])
+        if kept and sum(hi - lo for lo, hi in todo) < count:
+            print(f"{scores}: {count - sum(hi - lo for lo, hi in todo)} of the {count} tasks scored already; "
+                  "scoring the rest", file=sys.stderr)
+        on_block = kept.add if kept else None
         if workers > 1 or address:
             from reptile_dist.engine.sharded_eval import score_on_ray
 
-            return summarize(score_on_ray(cfg, plugins, theta.cpu().numpy(), moment, split, count, workers, address,
-                                          transductive, on_gpus=theta.device.type == "cuda"))
-        return summarize(score_tasks(learner, built, theta, cfg, split, range(count), moment, transductive))
+            scored = score_on_ray(cfg, plugins, theta.cpu().numpy(), moment, split, todo, workers, address,
+                                  transductive, on_gpus=theta.device.type == "cuda",
+                                  block=SCORES_BLOCK * workers if kept else None, on_block=on_block)
+        else:
+            parts = []
+            for lo, hi in task_blocks(todo, SCORES_BLOCK if kept else max(count, 1)):
+                parts.append(score_tasks(learner, built, theta, cfg, split, range(lo, hi), moment, transductive))
+                if on_block:
+                    on_block(lo, parts[-1])
+            scored = combine_scores(parts)
+        return summarize(kept.scores(count) if kept else scored)
+    if scores:
+        raise ConfigError("scores keeps the tasks a family draws, by index; your own Task objects are scored "
+                          "without it")
     if workers > 1 or address:
         raise ConfigError("workers and address shard the tasks a family draws; your own Task objects are scored "
                           "in this process")
-    scores = TaskScores([], [], [])
+    own = TaskScores([], [], [])
     for i, task in enumerate(tasks):
         check_task(task, cfg.family, f"task {i}")
         rng = task_rng(cfg.seed, EVAL_STREAMS[split], 0, i)  # as score_tasks seeds task i
-        score_task(learner, pretrained.info.kind, theta, cfg, task, rng, moment, transductive, scores)
+        score_task(learner, pretrained.info.kind, theta, cfg, task, rng, moment, transductive, own)
     learner.load(theta)
-    return summarize(scores)
+    return summarize(own)
 
 
 __all__ = ["Config", "FamilyInfo", "InnerMoment", "Task", "TaskFamily", "TrainedModel", "adapt", "evaluate",

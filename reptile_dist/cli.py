@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Ray actors scoring the tasks in shards (default 1: this process, no Ray); the result is "
                          "the same")
     ev.add_argument("--address", help="join this Ray cluster (`auto`: the one on this machine) to score the shards; with --workers > 1 and no --address: the one RAY_ADDRESS names, else a new local one")
+    ev.add_argument("--scores", metavar="FILE",
+                    help="keep every task's scores in FILE (JSON lines) as they are computed; run again with the "
+                         "same FILE, an evaluation stopped part way scores only the tasks still missing")
 
     data = sub.add_parser("data", help="prepare data sets")
     data_sub = data.add_subparsers(dest="dataset", required=True)
@@ -169,7 +172,7 @@ def cmd_eval(args) -> int:
         overrides["eval_tasks"] = args.tasks
     # Carried inner state: tasks start from the estimate training left (`--set inner_state=fresh`: from zero).
     result = evaluate(args.checkpoint, split=args.split, overrides=overrides, workers=args.workers,
-                      address=args.address)
+                      address=args.address, scores=args.scores)
     print(f"{args.split}: {headline(result, 'classification' if 'accuracy' in result else 'regression')}")
     print(json.dumps(result))
     return 0

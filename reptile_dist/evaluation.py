@@ -9,14 +9,18 @@ queries
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import asdict, dataclass
-from typing import Iterable
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from reptile_dist.config import Config
+from reptile_dist.config import Config, ConfigError
 from reptile_dist.reptile import InnerMoment, Learner
 from reptile_dist.tasks.base import EVAL_STREAMS, Task, TaskFamily, task_rng
 
@@ -49,11 +53,122 @@ def combine_scores(parts: Iterable[TaskScores | None]) -> TaskScores:
     return total
 
 
+SCORE_NAMES = {f.name for f in fields(TaskScores)}
+
+
 def shard_bounds(tasks: int, shards: int) -> list[tuple[int, int]]:
     """Tasks 0..tasks-1 cut into up to `shards` contiguous, non-empty [lo, hi) ranges of near-equal
     size (tasks are seeded by index, so the shards' scores, combined in order, equal one process's)."""
     bounds = np.linspace(0, tasks, shards + 1).astype(int)
     return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+TaskRange = tuple[int, int]  # tasks lo..hi-1
+SCORES_BLOCK = 50  # tasks per process between two appends to a scores file: the most an interruption loses
+
+
+def task_blocks(ranges: Iterable[TaskRange], size: int) -> Iterator[TaskRange]:
+    """`ranges` cut into consecutive [lo, hi) blocks of at most `size` tasks."""
+    for lo, hi in ranges:
+        for start in range(lo, hi, max(size, 1)):
+            yield start, min(start + size, hi)
+
+
+def evaluation_identity(theta: torch.Tensor, moment: InnerMoment | None, cfg: Config, split: str,
+                        transductive: bool | None) -> dict:
+    """What makes two evaluations score a task alike: the weights and carried estimate (hashed),
+    the config but for how many tasks, the split, the ways it scores."""
+    digest = hashlib.sha256(theta.detach().cpu().float().numpy().tobytes())
+    if moment is not None:
+        digest.update(moment.sq.detach().cpu().float().numpy().tobytes())
+        digest.update(repr(float(moment.steps)).encode())
+    config = {k: v for k, v in cfg.to_dict().items() if k != "eval_tasks"}
+    return json.loads(json.dumps({"weights_sha256": digest.hexdigest(), "split": split,
+                                  "transductive": transductive, "config": config}, default=str))
+
+
+class ScoresFile:
+    """The per-task scores of one evaluation, appended (and synced) block by block as they are
+    scored, so an evaluation stopped part way and started again with the same file scores only the
+    tasks still missing; its result is the uninterrupted one's (tasks are seeded by index).
+
+    JSON lines: a header {"evaluation": evaluation_identity(...)}, then {"task": i, "accuracy": ...,
+    "transductive_accuracy": ..., "loss": ...} per task (the scores the evaluation computes). A
+    file of another evaluation (other weights, config, split or ways of scoring) is refused; a last
+    line cut off by the interruption is dropped."""
+
+    def __init__(self, path: str | Path, identity: dict):
+        self.path = Path(path)
+        self.done: dict[int, dict[str, float]] = {}
+        if self.path.is_file() and self.path.stat().st_size:
+            self._read(identity)
+        else:
+            self._append([{"evaluation": identity}])
+
+    def _read(self, identity: dict) -> None:
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        whole = text[: text.rfind("\n") + 1]  # past the last newline: a line the interruption cut off
+        lines = whole.splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else None
+            records = [json.loads(line) for line in lines[1:]]
+            if not isinstance(header, dict) or "evaluation" not in header:
+                raise ValueError("no header")
+            for rec in records:
+                task = int(rec.pop("task"))
+                if not set(rec) <= SCORE_NAMES:
+                    raise ValueError(f"task {task} has scores {sorted(set(rec) - SCORE_NAMES)}")
+                self.done[task] = {k: float(v) for k, v in rec.items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ConfigError(f"{self.path} is not a scores file of `reptile-dist eval --scores` ({e}); "
+                              "name a new file") from None
+        if header["evaluation"] != identity:
+            theirs, ours = header["evaluation"], identity
+            differs = sorted(k for k in set(theirs) | set(ours) if k != "config" and theirs.get(k) != ours.get(k))
+            differs += sorted(f"config.{k}" for k in set(theirs.get("config") or {}) | set(ours["config"])
+                              if (theirs.get("config") or {}).get(k) != ours["config"].get(k))
+            raise ConfigError(f"{self.path} holds the scores of another evaluation (it differs in "
+                              f"{', '.join(differs)}); name a new file")
+        if len(whole) < len(text):
+            with open(self.path, "r+b") as sink:
+                sink.truncate(len(whole.encode("utf-8")))
+
+    def _append(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as sink:
+            sink.write("".join(json.dumps(row) + "\n" for row in rows))
+            sink.flush()
+            os.fsync(sink.fileno())
+
+    def missing(self, tasks: int) -> list[TaskRange]:
+        """The tasks among 0..tasks-1 not scored yet, as contiguous ranges."""
+        ranges: list[TaskRange] = []
+        for i in range(tasks):
+            if i in self.done:
+                continue
+            if ranges and ranges[-1][1] == i:
+                ranges[-1] = (ranges[-1][0], i + 1)
+            else:
+                ranges.append((i, i + 1))
+        return ranges
+
+    def add(self, lo: int, scores: "TaskScores") -> None:
+        """Record the scores of tasks lo, lo+1, ... (one entry per task in each non-empty list)."""
+        columns = {f.name: getattr(scores, f.name) for f in fields(scores) if getattr(scores, f.name)}
+        rows = [{"task": lo + i, **{name: values[i] for name, values in columns.items()}}
+                for i in range(len(scores.loss))]
+        self._append(rows)
+        for row in rows:
+            task = row.pop("task")
+            self.done[task] = row
+
+    def scores(self, tasks: int) -> "TaskScores":
+        """The scores of tasks 0..tasks-1, in order."""
+        out = TaskScores([], [], [])
+        for i in range(tasks):
+            for name, value in self.done[i].items():
+                getattr(out, name).append(value)
+        return out
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:

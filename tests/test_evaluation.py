@@ -86,7 +86,8 @@ def small_final(tmp_path_factory):
 
 
 @pytest.mark.slow  # starts Ray actors
-def test_an_evaluation_sharded_over_ray_actors_equals_the_one_process_evaluation(ray_local, small_final, capsys):
+def test_an_evaluation_sharded_over_ray_actors_equals_the_one_process_evaluation(ray_local, small_final, capsys,
+                                                                                 tmp_path):
     from reptile_dist.api import evaluate
     from reptile_dist.cli import main
 
@@ -99,6 +100,61 @@ def test_an_evaluation_sharded_over_ray_actors_equals_the_one_process_evaluation
     assert transductive_only == evaluate(small_final, tasks=5, transductive=True)
     assert "accuracy" not in transductive_only and transductive_only["transductive_accuracy"] >= 0
     assert evaluate(small_final, tasks=0, workers=2) == evaluate(small_final, tasks=0) == {"tasks": 0}
+    # With a scores file, in blocks: tasks 0-2 kept by one run, 3-6 added by the next, the same result.
+    scores = tmp_path / "scores.jsonl"
+    assert evaluate(small_final, tasks=3, workers=2, scores=str(scores)) == evaluate(small_final, tasks=3)
+    assert evaluate(small_final, tasks=7, workers=2, scores=str(scores)) == one
+    assert [r["task"] for r in _records(scores)[1]] == list(range(7))
+
+
+def _records(path):
+    lines = path.read_text().splitlines()
+    return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+
+
+def test_a_scores_file_keeps_every_task_and_a_second_run_scores_only_the_missing_ones(small_final, tmp_path, capsys):
+    from reptile_dist.api import evaluate
+    from reptile_dist.evaluation import SCORES_BLOCK
+
+    scores = tmp_path / "scores.jsonl"
+    whole = evaluate(small_final, tasks=7)
+    assert evaluate(small_final, tasks=4, scores=str(scores)) == evaluate(small_final, tasks=4)
+    header, records = _records(scores)
+    assert set(header["evaluation"]) == {"weights_sha256", "split", "transductive", "config"}
+    assert [r["task"] for r in records] == [0, 1, 2, 3]
+    assert set(records[0]) == {"task", "accuracy", "transductive_accuracy", "loss"}
+    # Stopped part way: task 3's line cut off, tasks 4-6 never scored. The rest is scored on the
+    # second run, task 3 again; the result is the uninterrupted evaluation's.
+    text = scores.read_text()
+    scores.write_text(text[: text.rindex('{"task": 3') + 12])
+    assert evaluate(small_final, tasks=7, scores=str(scores)) == whole
+    assert "3 of the 7 tasks scored already; scoring the rest" in capsys.readouterr().err
+    assert [r["task"] for r in _records(scores)[1]] == [0, 1, 2, 3, 4, 5, 6]
+    # A task already kept is not scored again: its kept value is the one summed.
+    _, records = _records(scores)
+    records[0]["accuracy"] = records[0]["accuracy"] - 7.0
+    scores.write_text("\n".join(json.dumps(r) for r in [header, *records]) + "\n")
+    assert evaluate(small_final, tasks=7, scores=str(scores))["accuracy"] == pytest.approx(whole["accuracy"] - 1.0)
+    assert SCORES_BLOCK >= 1
+
+
+def test_a_scores_file_of_another_evaluation_is_refused_in_one_line(small_final, tmp_path, capsys):
+    from reptile_dist.cli import main
+
+    scores = tmp_path / "scores.jsonl"
+    assert main(["eval", "--checkpoint", small_final, "--tasks", "2", "--scores", str(scores)]) == 0
+    kept = scores.read_text()
+    assert main(["eval", "--checkpoint", small_final, "--tasks", "2", "--scores", str(scores),
+                 "--set", "eval_inner_steps=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds the scores of another evaluation" in err and "config.eval_inner_steps" in err
+    assert main(["eval", "--checkpoint", small_final, "--tasks", "2", "--scores", str(scores), "--split", "val"]) == 2
+    assert "split" in capsys.readouterr().err
+    assert scores.read_text() == kept  # nothing already kept is touched
+    other = tmp_path / "other.txt"
+    other.write_text("not scores\n")
+    assert main(["eval", "--checkpoint", small_final, "--tasks", "2", "--scores", str(other)]) == 2
+    assert "is not a scores file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("workers", ["0", "-2"])

@@ -23,7 +23,7 @@ from reptile_dist.engine.adapt_worker import Workspace
 from reptile_dist.engine.cluster import (ClusterError, bundle_cpus, local_cluster_cpus, placement_bundles, ray_session,
                                          worker_resources)
 from reptile_dist.errors import RunFailed
-from reptile_dist.evaluation import TaskScores, combine_scores, shard_bounds
+from reptile_dist.evaluation import TaskScores, combine_scores, shard_bounds, task_blocks
 from reptile_dist.plugins import Plugins
 from reptile_dist.reptile import InnerMoment
 
@@ -72,19 +72,23 @@ def score_in_shards(shards: list[Shard], send: Callable[[list[Shard]], dict], wh
 
 
 def score_on_ray(cfg: Config, plugins: Plugins, theta: np.ndarray, moment: InnerMoment | None, split: str,
-                 tasks: int, workers: int, address: str | None = None, transductive: bool | None = None,
-                 on_gpus: bool = False, say: Callable[[str], None] | None = None) -> TaskScores:
-    """Tasks 0..tasks-1 of `split` scored by `workers` actors on the cluster at `address`, or on a
-    local one started for the evaluation (inside a running Ray session, on that). `on_gpus`: each
-    actor takes an adapt worker's GPU share where the cluster has GPUs; else a CPU share. A shard
-    lost with its actor is scored again on a new one. No time limit: a user's network may take
-    any time a task, and an actor that dies still shows as lost."""
+                 ranges: list[Shard], workers: int, address: str | None = None, transductive: bool | None = None,
+                 on_gpus: bool = False, say: Callable[[str], None] | None = None, block: int | None = None,
+                 on_block: Callable[[int, TaskScores], None] | None = None) -> TaskScores:
+    """The tasks in `ranges` ([lo, hi) ranges of task indices) of `split`, scored by `workers`
+    actors on the cluster at `address`, or on a local one started for the evaluation (inside a
+    running Ray session, on that), combined in order. `on_gpus`: each actor takes an adapt
+    worker's GPU share where the cluster has GPUs; else a CPU share. `block`: the tasks are scored
+    in blocks of that many, in order, `on_block(first task, scores)` told of each as it completes
+    (a scores file keeps them); None: each range in one block. A shard lost with its actor is
+    scored again on a new one. No time limit: a user's network may take any time a task, and an
+    actor that dies still shows as lost."""
     say = say or (lambda message: print(message, file=sys.stderr))
     cfg = cfg.replace(workers=workers, **({} if on_gpus else {"gpus_per_worker": 0.0}))
     cpus = local_cluster_cpus(lambda has_gpus: bundle_cpus(placement_bundles(cfg, has_gpus)[1:]))
     with ray_session(address, cpus):
         res = worker_resources(cfg)
-        run_id, actors = uuid.uuid4().hex[:8], []
+        run_id, actors, idle = uuid.uuid4().hex[:8], [], []
 
         def started(count: int) -> list:
             new = [ray.remote(Workspace).options(
@@ -98,13 +102,23 @@ def score_on_ray(cfg: Config, plugins: Plugins, theta: np.ndarray, moment: Inner
             return new
 
         def send(shards: list[Shard]) -> dict:
+            idle.extend(started(len(shards) - len(idle)) if len(shards) > len(idle) else [])
             return {actor.score.remote(theta_ref, split, lo, hi, moment, transductive): (lo, hi, actor)
-                    for actor, (lo, hi) in zip(started(len(shards)), shards)}
+                    for actor, (lo, hi) in zip(idle, shards)}
+
+        def forget(lost: list, answered: list) -> None:  # the actors that died are not sent to again
+            idle[:] = [actor for actor in idle if actor not in lost]
 
         try:
             theta_ref = ray.put(theta)
-            return score_in_shards(shard_bounds(tasks, workers), send, f"{split} evaluation", say,
-                                   after_loss=lambda lost, answered: None, wedged_after=False)
+            parts = []
+            for lo, hi in (task_blocks(ranges, block) if block else ranges):
+                shards = [(lo + a, lo + b) for a, b in shard_bounds(hi - lo, workers)]
+                parts.append(score_in_shards(shards, send, f"{split} evaluation", say, after_loss=forget,
+                                             wedged_after=False))
+                if on_block:
+                    on_block(lo, parts[-1])
+            return combine_scores(parts)
         finally:
             for actor in actors:
                 ray.kill(actor)
