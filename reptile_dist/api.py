@@ -165,7 +165,7 @@ def _evaluate(pretrained: Pretrained, cfg: Config, tasks, split: str, transducti
             print(f"{scores}: {count - sum(hi - lo for lo, hi in todo)} of the {count} tasks scored already; "
                   "scoring the rest", file=sys.stderr)
         on_block = kept.add if kept else None
-        if workers > 1 or address:
+        if todo and (workers > 1 or address):  # (all kept already: no cluster needed)
             from reptile_dist.engine.sharded_eval import score_on_ray
 
             scored = score_on_ray(cfg, plugins, theta.cpu().numpy(), moment, split, todo, workers, address,

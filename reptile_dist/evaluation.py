@@ -69,22 +69,23 @@ SCORES_BLOCK = 50  # tasks per process between two appends to a scores file: the
 
 def task_blocks(ranges: Iterable[TaskRange], size: int) -> Iterator[TaskRange]:
     """`ranges` cut into consecutive [lo, hi) blocks of at most `size` tasks."""
+    size = max(size, 1)
     for lo, hi in ranges:
-        for start in range(lo, hi, max(size, 1)):
+        for start in range(lo, hi, size):
             yield start, min(start + size, hi)
 
 
 def evaluation_identity(theta: torch.Tensor, moment: InnerMoment | None, cfg: Config, split: str,
                         transductive: bool | None) -> dict:
     """What makes two evaluations score a task alike: the weights and carried estimate (hashed),
-    the config but for how many tasks, the split, the ways it scores."""
+    the config but for how many tasks, the split, the ways it scores, the kind of device."""
     digest = hashlib.sha256(theta.detach().cpu().float().numpy().tobytes())
     if moment is not None:
         digest.update(moment.sq.detach().cpu().float().numpy().tobytes())
         digest.update(repr(float(moment.steps)).encode())
     config = {k: v for k, v in cfg.to_dict().items() if k != "eval_tasks"}
-    return json.loads(json.dumps({"weights_sha256": digest.hexdigest(), "split": split,
-                                  "transductive": transductive, "config": config}, default=str))
+    return json.loads(json.dumps({"weights_sha256": digest.hexdigest(), "split": split, "transductive": transductive,
+                                  "device": theta.device.type, "config": config}, default=str))
 
 
 class ScoresFile:
@@ -100,6 +101,8 @@ class ScoresFile:
     def __init__(self, path: str | Path, identity: dict):
         self.path = Path(path)
         self.done: dict[int, dict[str, float]] = {}
+        if self.path.exists() and not self.path.is_file():
+            raise ConfigError(f"{self.path} is not a regular file; name a file for the scores")
         if self.path.is_file() and self.path.stat().st_size:
             self._read(identity)
         else:
@@ -112,12 +115,19 @@ class ScoresFile:
         try:
             header = json.loads(lines[0]) if lines else None
             records = [json.loads(line) for line in lines[1:]]
-            if not isinstance(header, dict) or "evaluation" not in header:
-                raise ValueError("no header")
+            if not (isinstance(header, dict) and isinstance(header.get("evaluation"), dict)
+                    and isinstance(header["evaluation"].get("config"), dict)):
+                raise ValueError("no header naming the evaluation")
+            names = None
             for rec in records:
-                task = int(rec.pop("task"))
-                if not set(rec) <= SCORE_NAMES:
-                    raise ValueError(f"task {task} has scores {sorted(set(rec) - SCORE_NAMES)}")
+                task = rec.pop("task")
+                if not isinstance(task, int) or task < 0:
+                    raise ValueError(f"task {task!r} is not a task index")
+                # every task has the same scores: those the evaluation computes, the loss always
+                if names is None:
+                    names = set(rec)
+                if set(rec) != names or "loss" not in names or not names <= SCORE_NAMES:
+                    raise ValueError(f"task {task} has the scores {sorted(rec)}")
                 self.done[task] = {k: float(v) for k, v in rec.items()}
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ConfigError(f"{self.path} is not a scores file of `reptile-dist eval --scores` ({e}); "
@@ -125,8 +135,8 @@ class ScoresFile:
         if header["evaluation"] != identity:
             theirs, ours = header["evaluation"], identity
             differs = sorted(k for k in set(theirs) | set(ours) if k != "config" and theirs.get(k) != ours.get(k))
-            differs += sorted(f"config.{k}" for k in set(theirs.get("config") or {}) | set(ours["config"])
-                              if (theirs.get("config") or {}).get(k) != ours["config"].get(k))
+            differs += sorted(f"config.{k}" for k in set(theirs["config"]) | set(ours["config"])
+                              if theirs["config"].get(k) != ours["config"].get(k))
             raise ConfigError(f"{self.path} holds the scores of another evaluation (it differs in "
                               f"{', '.join(differs)}); name a new file")
         if len(whole) < len(text):

@@ -87,7 +87,7 @@ def small_final(tmp_path_factory):
 
 @pytest.mark.slow  # starts Ray actors
 def test_an_evaluation_sharded_over_ray_actors_equals_the_one_process_evaluation(ray_local, small_final, capsys,
-                                                                                 tmp_path):
+                                                                                 tmp_path, monkeypatch):
     from reptile_dist.api import evaluate
     from reptile_dist.cli import main
 
@@ -100,11 +100,16 @@ def test_an_evaluation_sharded_over_ray_actors_equals_the_one_process_evaluation
     assert transductive_only == evaluate(small_final, tasks=5, transductive=True)
     assert "accuracy" not in transductive_only and transductive_only["transductive_accuracy"] >= 0
     assert evaluate(small_final, tasks=0, workers=2) == evaluate(small_final, tasks=0) == {"tasks": 0}
-    # With a scores file, in blocks: tasks 0-2 kept by one run, 3-6 added by the next, the same result.
+    # With a scores file, in blocks of 2 (1 per actor, the same actors block after block): tasks
+    # 0-2 kept by one run, 3-6 added by the next, the same result.
+    from reptile_dist import api
+
+    monkeypatch.setattr(api, "SCORES_BLOCK", 1)
     scores = tmp_path / "scores.jsonl"
     assert evaluate(small_final, tasks=3, workers=2, scores=str(scores)) == evaluate(small_final, tasks=3)
     assert evaluate(small_final, tasks=7, workers=2, scores=str(scores)) == one
     assert [r["task"] for r in _records(scores)[1]] == list(range(7))
+    assert evaluate(small_final, tasks=7, workers=2, scores=str(scores), address="ray://nowhere:1") == one  # all kept
 
 
 def _records(path):
@@ -112,15 +117,17 @@ def _records(path):
     return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
 
 
-def test_a_scores_file_keeps_every_task_and_a_second_run_scores_only_the_missing_ones(small_final, tmp_path, capsys):
+def test_a_scores_file_keeps_every_task_and_a_second_run_scores_only_the_missing_ones(small_final, tmp_path, capsys,
+                                                                                        monkeypatch):
+    from reptile_dist import api
     from reptile_dist.api import evaluate
-    from reptile_dist.evaluation import SCORES_BLOCK
+    from reptile_dist.evaluation import ScoresFile
 
-    scores = tmp_path / "scores.jsonl"
+    scores = tmp_path / "kept" / "scores.jsonl"  # its folder made
     whole = evaluate(small_final, tasks=7)
     assert evaluate(small_final, tasks=4, scores=str(scores)) == evaluate(small_final, tasks=4)
     header, records = _records(scores)
-    assert set(header["evaluation"]) == {"weights_sha256", "split", "transductive", "config"}
+    assert set(header["evaluation"]) == {"weights_sha256", "split", "transductive", "device", "config"}
     assert [r["task"] for r in records] == [0, 1, 2, 3]
     assert set(records[0]) == {"task", "accuracy", "transductive_accuracy", "loss"}
     # Stopped part way: task 3's line cut off, tasks 4-6 never scored. The rest is scored on the
@@ -135,7 +142,24 @@ def test_a_scores_file_keeps_every_task_and_a_second_run_scores_only_the_missing
     records[0]["accuracy"] = records[0]["accuracy"] - 7.0
     scores.write_text("\n".join(json.dumps(r) for r in [header, *records]) + "\n")
     assert evaluate(small_final, tasks=7, scores=str(scores))["accuracy"] == pytest.approx(whole["accuracy"] - 1.0)
-    assert SCORES_BLOCK >= 1
+    # In blocks of 2: a crash after the second block's scores are kept leaves tasks 0-3 in the file,
+    # and the next run adds the rest.
+    monkeypatch.setattr(api, "SCORES_BLOCK", 2)
+    crashed, add, blocks = tmp_path / "crashed.jsonl", ScoresFile.add, []
+
+    def add_then_crash(self, lo, part):
+        add(self, lo, part)
+        blocks.append((lo, len(part.loss)))
+        if len(blocks) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ScoresFile, "add", add_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(small_final, tasks=7, scores=str(crashed))
+    assert blocks == [(0, 2), (2, 2)] and [r["task"] for r in _records(crashed)[1]] == [0, 1, 2, 3]
+    monkeypatch.setattr(ScoresFile, "add", add)
+    assert evaluate(small_final, tasks=7, scores=str(crashed)) == whole
+    assert [r["task"] for r in _records(crashed)[1]] == list(range(7))
 
 
 def test_a_scores_file_of_another_evaluation_is_refused_in_one_line(small_final, tmp_path, capsys):
@@ -149,12 +173,19 @@ def test_a_scores_file_of_another_evaluation_is_refused_in_one_line(small_final,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "holds the scores of another evaluation" in err and "config.eval_inner_steps" in err
     assert main(["eval", "--checkpoint", small_final, "--tasks", "2", "--scores", str(scores), "--split", "val"]) == 2
-    assert "split" in capsys.readouterr().err
+    assert "holds the scores of another evaluation (it differs in split)" in capsys.readouterr().err
     assert scores.read_text() == kept  # nothing already kept is touched
-    other = tmp_path / "other.txt"
-    other.write_text("not scores\n")
-    assert main(["eval", "--checkpoint", small_final, "--tasks", "2", "--scores", str(other)]) == 2
-    assert "is not a scores file" in capsys.readouterr().err
+    header, records = _records(scores)
+    for bad in ["not scores", json.dumps({"evaluation": "x"}), json.dumps(header) + "\n" + json.dumps({"task": 0}),
+                json.dumps(header) + "\n" + json.dumps({**records[0], "task": 0.5})]:
+        other = tmp_path / "other.txt"
+        other.write_text(bad + "\n")
+        assert main(["eval", "--checkpoint", small_final, "--tasks", "2", "--scores", str(other)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "is not a scores file" in err, bad
+        assert other.read_text() == bad + "\n"
+    assert main(["eval", "--checkpoint", small_final, "--tasks", "2", "--scores", str(tmp_path)]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("workers", ["0", "-2"])
