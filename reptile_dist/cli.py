@@ -278,6 +278,15 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _kept_on_interrupt(args) -> str:
+    """What a Ctrl-C leaves behind for the next try, said after `interrupted`."""
+    if args.command == "train":
+        return "; the run directory keeps its last checkpoint"
+    if args.command == "eval" and args.scores:
+        return f"; {args.scores} keeps the tasks scored so far (the same command goes on from them)"
+    return ""
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "config": cmd_config, "tune": cmd_tune, "bench": cmd_bench,
             "adapt": cmd_adapt, "export": cmd_export, "plot": cmd_plot, "status": cmd_status}
 
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reptile-dist: run stopped: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("reptile-dist: interrupted; the run directory keeps its last checkpoint", file=sys.stderr)
+        print(f"reptile-dist: interrupted{_kept_on_interrupt(args)}", file=sys.stderr)
         return 130
 
 

@@ -162,6 +162,23 @@ def test_a_scores_file_keeps_every_task_and_a_second_run_scores_only_the_missing
     assert [r["task"] for r in _records(crashed)[1]] == list(range(7))
 
 
+def test_an_interrupted_evaluation_says_its_scores_file_keeps_the_tasks_scored(small_final, tmp_path, capsys,
+                                                                              monkeypatch):
+    from reptile_dist.cli import main
+    from reptile_dist.evaluation import ScoresFile
+
+    scores, add = tmp_path / "scores.jsonl", ScoresFile.add
+
+    def add_then_interrupt(self, lo, part):
+        add(self, lo, part)
+        raise KeyboardInterrupt  # Ctrl-C
+
+    monkeypatch.setattr(ScoresFile, "add", add_then_interrupt)
+    assert main(["eval", "--checkpoint", small_final, "--tasks", "3", "--scores", str(scores)]) == 130
+    assert f"interrupted; {scores} keeps the tasks scored so far" in capsys.readouterr().err
+    assert len(_records(scores)[1]) == 3
+
+
 def test_a_scores_file_of_another_evaluation_is_refused_in_one_line(small_final, tmp_path, capsys):
     from reptile_dist.cli import main
 
