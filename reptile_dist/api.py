@@ -22,8 +22,8 @@ from torch.nn.utils import parameters_to_vector
 
 from reptile_dist.pretrained import Pretrained, adapt_task, load_pretrained, predict
 from reptile_dist.config import Config, ConfigError, load_config
-from reptile_dist.evaluation import (SCORES_BLOCK, ScoresFile, TaskScores, combine_scores, evaluation_identity,
-                                     score_task, score_tasks, summarize, task_blocks)
+from reptile_dist.evaluation import (SCORES_BLOCK, ScoresFile, TaskScores, evaluation_identity, score_blocks,
+                                     score_task, score_tasks, summarize)
 from reptile_dist.plugins import FamilyInfo, Plugins, check_task, name_of
 from reptile_dist.reptile import InnerMoment, Learner
 from reptile_dist.tasks.base import EVAL_STREAMS, Task, TaskFamily, task_rng
@@ -161,9 +161,9 @@ def _evaluate(pretrained: Pretrained, cfg: Config, tasks, split: str, transducti
         built = plugins.build_family(cfg)  # here first: a missing table or a bad plug-in is one line, not an actor's
         kept = ScoresFile(scores, evaluation_identity(theta, moment, cfg, split, transductive)) if scores else None
         todo = kept.missing(count) if kept else ([(0, count)] if count else [])
-        if kept and sum(hi - lo for lo, hi in todo) < count:
-            print(f"{scores}: {count - sum(hi - lo for lo, hi in todo)} of the {count} tasks scored already; "
-                  "scoring the rest", file=sys.stderr)
+        already = count - sum(hi - lo for lo, hi in todo)
+        if already:
+            print(f"{scores}: {already} of the {count} tasks scored already; scoring the rest", file=sys.stderr)
         on_block = kept.add if kept else None
         if todo and (workers > 1 or address):  # (all kept already: no cluster needed)
             from reptile_dist.engine.sharded_eval import score_on_ray
@@ -172,12 +172,9 @@ def _evaluate(pretrained: Pretrained, cfg: Config, tasks, split: str, transducti
                                   transductive, on_gpus=theta.device.type == "cuda",
                                   block=SCORES_BLOCK * workers if kept else None, on_block=on_block)
         else:
-            parts = []
-            for lo, hi in task_blocks(todo, SCORES_BLOCK if kept else max(count, 1)):
-                parts.append(score_tasks(learner, built, theta, cfg, split, range(lo, hi), moment, transductive))
-                if on_block:
-                    on_block(lo, parts[-1])
-            scored = combine_scores(parts)
+            scored = score_blocks(todo, SCORES_BLOCK if kept else None, on_block=on_block,
+                                  score=lambda lo, hi: score_tasks(learner, built, theta, cfg, split, range(lo, hi),
+                                                                   moment, transductive))
         return summarize(kept.scores(count) if kept else scored)
     if scores:
         raise ConfigError("scores keeps the tasks a family draws, by index; your own Task objects are scored "

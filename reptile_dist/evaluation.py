@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -67,12 +67,24 @@ TaskRange = tuple[int, int]  # tasks lo..hi-1
 SCORES_BLOCK = 50  # tasks per process between two appends to a scores file: the most an interruption loses
 
 
-def task_blocks(ranges: Iterable[TaskRange], size: int) -> Iterator[TaskRange]:
-    """`ranges` cut into consecutive [lo, hi) blocks of at most `size` tasks."""
-    size = max(size, 1)
+def task_blocks(ranges: Iterable[TaskRange], size: int | None) -> Iterator[TaskRange]:
+    """`ranges` cut into consecutive [lo, hi) blocks of at most `size` tasks (None: each range whole)."""
     for lo, hi in ranges:
-        for start in range(lo, hi, size):
-            yield start, min(start + size, hi)
+        step = max(size or hi - lo, 1)
+        for start in range(lo, hi, step):
+            yield start, min(start + step, hi)
+
+
+def score_blocks(ranges: Iterable[TaskRange], size: int | None, score: Callable[[int, int], "TaskScores"],
+                 on_block: Callable[[int, "TaskScores"], None] | None = None) -> "TaskScores":
+    """The scores of the tasks in `ranges`, scored block by block (`task_blocks`) by `score(lo, hi)`
+    in order, `on_block(lo, scores)` told of each block as it completes (a scores file keeps them)."""
+    parts = []
+    for lo, hi in task_blocks(ranges, size):
+        parts.append(score(lo, hi))
+        if on_block:
+            on_block(lo, parts[-1])
+    return combine_scores(parts)
 
 
 def evaluation_identity(theta: torch.Tensor, moment: InnerMoment | None, cfg: Config, split: str,

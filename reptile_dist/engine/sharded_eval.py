@@ -23,7 +23,7 @@ from reptile_dist.engine.adapt_worker import Workspace
 from reptile_dist.engine.cluster import (ClusterError, bundle_cpus, local_cluster_cpus, placement_bundles, ray_session,
                                          worker_resources)
 from reptile_dist.errors import RunFailed
-from reptile_dist.evaluation import TaskScores, combine_scores, shard_bounds, task_blocks
+from reptile_dist.evaluation import TaskScores, combine_scores, score_blocks, shard_bounds
 from reptile_dist.plugins import Plugins
 from reptile_dist.reptile import InnerMoment
 
@@ -111,14 +111,9 @@ def score_on_ray(cfg: Config, plugins: Plugins, theta: np.ndarray, moment: Inner
 
         try:
             theta_ref = ray.put(theta)
-            parts = []
-            for lo, hi in (task_blocks(ranges, block) if block else ranges):
-                shards = [(lo + a, lo + b) for a, b in shard_bounds(hi - lo, workers)]
-                parts.append(score_in_shards(shards, send, f"{split} evaluation", say, after_loss=forget,
-                                             wedged_after=False))
-                if on_block:
-                    on_block(lo, parts[-1])
-            return combine_scores(parts)
+            return score_blocks(ranges, block, on_block=on_block, score=lambda lo, hi: score_in_shards(
+                [(lo + a, lo + b) for a, b in shard_bounds(hi - lo, workers)], send, f"{split} evaluation", say,
+                after_loss=forget, wedged_after=False))
         finally:
             for actor in actors:
                 ray.kill(actor)
