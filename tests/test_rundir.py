@@ -249,3 +249,30 @@ def test_a_finished_long_runs_record_covers_its_schedule_and_matches_the_shipped
         assert round(100 * summary["test_transductive_accuracy"], 2) == entry["test_transductive_accuracy"]
         assert summary["eval_tasks"] == entry["eval_tasks"]
         assert sum(s["wall_s"] for s in stretches) == entry["train_wall_s"]
+
+
+def test_a_shipped_models_kept_scores_are_its_weights_and_give_its_figures():
+    """A shipped model evaluated apart from its run (`eval --scores`) keeps every task's scores: the
+    file's header names the shipped weights and inner estimate, and its tasks give the manifest's
+    figures (so a figure in the README is checked against the evaluation behind it)."""
+    from pathlib import Path
+
+    from reptile_dist.api import _load
+    from reptile_dist.evaluation import ScoresFile, evaluation_identity, summarize
+
+    pretrained = Path(__file__).resolve().parents[1] / "pretrained"
+    entries = [e for e in json.loads((pretrained / "manifest.json").read_text()) if "scores" in e]
+    assert entries, "no shipped model names its scores file"
+    for entry in entries:
+        model = _load(str(pretrained / entry["file"]), None, "cpu")
+        header = json.loads((pretrained / entry["scores"]).read_text().splitlines()[0])["evaluation"]
+        # where it ran (the data path from the repository root, device auto) as the file says; the weights checked
+        cfg = model.cfg.replace(data=header["config"]["data"], device=header["config"]["device"])
+        kept = ScoresFile(pretrained / entry["scores"],  # refuses a file of other weights or settings
+                          evaluation_identity(model.theta, model.moment, cfg, "test", None))
+        result = summarize(kept.scores(entry["eval_tasks"]))
+        assert len(kept.done) == result["tasks"] == entry["eval_tasks"]
+        assert round(100 * result["accuracy"], 2) == entry["test_accuracy"]
+        assert round(100 * result["accuracy_ci95"], 2) == entry["test_ci95"]
+        assert round(100 * result["transductive_accuracy"], 2) == entry["test_transductive_accuracy"]
+        assert round(100 * result["transductive_accuracy_ci95"], 2) == entry["test_transductive_ci95"]
