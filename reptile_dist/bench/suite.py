@@ -89,6 +89,12 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
     local_rows: list[dict[str, Any]] = []
     capacity_rows: list[dict[str, Any]] = []
     rates: dict[str, float] = {}
+    if plan.modes and plan.baselines:
+        # before Ray starts: its daemons would share the cores with the rows that use them all
+        local_rows = local_baselines(cfg, family, plan.seconds, plan.warmup)
+        for r in local_rows:
+            say(f"{r['what']}, {r['threads']} thread(s){', busy process beside' if r['busy_process_beside'] else ''}: "
+                f"{r['tasks_per_s']:.1f} tasks/s")
     cluster_mode = "allreduce" if "allreduce" in plan.modes else cfg.mode
     with ray_cluster(cfg.replace(backend="ray", workers=max(workers), mode=cluster_mode), plan.address):
         if plan.modes:
@@ -96,11 +102,6 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
             batched = measure_local(cfg.replace(batched_adaptation=True), family, plan.seconds, plan.warmup)
             rates[plan.config] = local
             say(f"local trainer: {local:.1f} tasks/s (per-task loop), {batched:.1f} tasks/s (batched, vmap)")
-            if plan.baselines:
-                local_rows = local_baselines(cfg, family, plan.seconds, plan.warmup)
-                for r in local_rows:
-                    say(f"{r['what']}, {r['threads']} thread(s){', busy process beside' if r['busy_process_beside'] else ''}: "
-                        f"{r['tasks_per_s']:.1f} tasks/s")
             combos = [(mode, w, 1.0) for mode in plan.modes for w in workers]
             if plan.straggler_factor > 1:
                 combos += [(mode, max(workers), plan.straggler_factor) for mode in plan.modes]
@@ -204,7 +205,8 @@ def write_outputs(plan: BenchPlan, out: Path, command: str, engine_rows, capacit
         written["local.parquet"] = write_parquet(list(local_rows), out / "local.parquet")
         sections.append(("Local trainer against a plain loop, and its threads under load",
                          "Plain loop: a deepcopy of the model and a fresh Adam per task, as the reference code and "
-                         "learn2learn's example adapt; the same tasks and mini-batches. At each thread count the three "
+                         "learn2learn's example adapt; the same tasks and mini-batches; measured before the bench starts Ray "
+                         "(whose daemons would share the cores). At each thread count the three "
                          "rows took turns, in rounds (the order rotated each round); tasks/s is the mean of a row's "
                          "rounds, vs plain loop the median of its ratios to the plain loop's window of the same round, "
                          "least and greatest the spread of those ratios. Rows with a busy process beside them share the "
