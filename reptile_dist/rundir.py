@@ -1,5 +1,5 @@
 """A run directory: config.yaml, run.json, metrics.jsonl, metrics.parquet, checkpoints/, final.pt,
-summary.json, and the loggers' files (tensorboard/, mlflow.db, wandb/).
+test-scores.jsonl (training.kept_test_scores), summary.json, and the loggers' files (tensorboard/, mlflow.db, wandb/).
 
 Everything is written through pyarrow filesystems, so `--out` may be a local or shared folder or
 an `s3://` / `gs://` URI. Every file is written to a temporary name and then moved into place, so

@@ -10,20 +10,23 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
 from reptile_dist.config import Config, ConfigError
 from reptile_dist.errors import RunFailed
-from reptile_dist.evaluation import evaluate, headline
+from reptile_dist.evaluation import (SCORES_BLOCK, ScoresFile, evaluate, evaluation_identity, headline, score_blocks,
+                                     score_tasks, summarize)
 from reptile_dist.reptile import DeltaSum, InnerMoment, Learner, OuterOptimizer, meta_step
-from reptile_dist.rundir import RunDir, RunDirError, config_differences, config_identity
+from reptile_dist.rundir import RUN_INVARIANT_IGNORES, RunDir, RunDirError, config_differences, config_identity
 from reptile_dist.plugins import Plugins, check_network, family_info
 from reptile_dist.tasks import TaskFamily
 
 CHECKPOINT_FORMAT = "reptile-dist-checkpoint-v1"
 FINAL_FORMAT = "reptile-dist-final-v1"
+TEST_SCORES = "test-scores.jsonl"  # in a run directory: the final evaluation's every task's scores, as they come
 
 
 def make_learner(cfg: Config, family: TaskFamily, device: str | torch.device = "cpu",
@@ -362,6 +365,45 @@ def evaluate_before(s: RunSetup, say: Callable[[str], None] = print) -> dict[str
     return result
 
 
+def kept_test_scores(s: RunSetup, theta: torch.Tensor, moment: InnerMoment | None,
+                     say: Callable[[str], None] = print) -> ScoresFile | None:
+    """The final evaluation's scores file in the run directory (TEST_SCORES), so a final evaluation
+    stopped part way (a kill, a crash, a lost cluster) goes on from the tasks it kept when the run
+    is resumed. It names the final weights and the settings that define the run (the engine, the
+    workers and the device may change between invocations, as they may on resume); one of other
+    weights (the run was resumed to go on further) is replaced. None for a run directory in an
+    object store (which cannot append): the evaluation is then scored whole."""
+    if not s.run.local:
+        return None
+    path = Path(s.run.path(TEST_SCORES))
+    defaults = Config()
+    run_defining = s.cfg.replace(**{k: getattr(defaults, k) for k in RUN_INVARIANT_IGNORES if k != "eval_tasks"})
+    identity = evaluation_identity(theta.cpu(), moment, run_defining, "test", None)
+    try:
+        kept = ScoresFile(path, identity)
+    except ConfigError:
+        if not path.is_file():
+            raise
+        say(f"{path} held the scores of other weights (the run went on since); scoring the test tasks anew")
+        path.unlink()
+        kept = ScoresFile(path, identity)
+    already = s.cfg.eval_tasks - sum(hi - lo for lo, hi in kept.missing(s.cfg.eval_tasks))
+    if already:
+        say(f"{already} of the {s.cfg.eval_tasks} test tasks scored already ({path}); scoring the rest")
+    return kept
+
+
+def final_evaluation(s: RunSetup, theta: torch.Tensor, moment: InnerMoment | None,
+                     say: Callable[[str], None] = print) -> dict[str, float]:
+    """The test evaluation in this process, kept task by task in the run directory (kept_test_scores)."""
+    kept = kept_test_scores(s, theta, moment, say)
+    if kept is None:
+        return evaluate(s.learner, s.family, theta, s.cfg, "test", s.cfg.eval_tasks, moment)
+    score_blocks(kept.missing(s.cfg.eval_tasks), SCORES_BLOCK, on_block=kept.add,
+                 score=lambda lo, hi: score_tasks(s.learner, s.family, theta, s.cfg, "test", range(lo, hi), moment))
+    return summarize(kept.scores(s.cfg.eval_tasks))
+
+
 def finish_run(s: RunSetup, theta: torch.Tensor, step: int, throughput: Throughput, wall_s: float,
                before: dict[str, float] | None, extra: dict[str, Any] | None = None,
                say: Callable[[str], None] = print, test: dict[str, float] | None = None,
@@ -371,7 +413,7 @@ def finish_run(s: RunSetup, theta: torch.Tensor, step: int, throughput: Throughp
     s.run.write_final(final_state(s.cfg, step, s.learner, theta, moment))
     s.run.flush_metrics()
     if test is None:
-        test = evaluate(s.learner, s.family, theta, s.cfg, "test", s.cfg.eval_tasks, moment)
+        test = final_evaluation(s, theta, moment, say)
     say(f"after meta-training (test): {headline(test, s.family.kind)}")
     summary: dict[str, Any] = {
         "test_accuracy": test.get("accuracy"),

@@ -183,6 +183,28 @@ def test_a_killed_evaluator_is_restarted_and_the_run_ends_with_a_full_evaluation
     assert any(e.startswith("evaluator restarted") for e in _events(out))
 
 
+@pytest.mark.slow  # a Ray run, and its resume: ~20 s
+def test_the_engines_final_evaluation_keeps_its_tasks_and_a_resume_scores_only_the_missing(ray_local, tmp_path):
+    import json
+
+    cfg = tiny("sine", meta_iters=20, eval_tasks=30).replace(backend="ray", mode="sync", workers=2)
+    out = tmp_path / "run"
+    first = train_ray(cfg, str(out), **quiet)
+    header, *tasks = (out / "test-scores.jsonl").read_text().splitlines()
+    assert sorted(json.loads(t)["task"] for t in tasks) == list(range(30))
+    # as if stopped after 12 tasks, one of them marked: a resume must keep it, not score it again
+    rows = sorted((json.loads(t) for t in tasks), key=lambda r: r["task"])
+    marked = dict(rows[0], loss=rows[0]["loss"] + 3.0)
+    (out / "test-scores.jsonl").write_text("\n".join([header] + [json.dumps(r) for r in [marked] + rows[1:12]]) + "\n")
+    (out / "summary.json").unlink()
+    said = []
+    again = train_ray(cfg, str(out), resume=True, progress=False, say=said.append)
+    assert any("12 of the 30 test tasks scored already" in line for line in said), said
+    assert again["eval_tasks"] == 30
+    assert again["test_loss"] == pytest.approx(first["test_loss"] + 3.0 / 30, rel=1e-9)
+    assert len((out / "test-scores.jsonl").read_text().splitlines()) == 1 + 30
+
+
 @pytest.mark.slow  # a worker and two replacements crash in turn, 1 s and 2 s apart: ~31 s
 def test_a_task_that_crashes_every_replacement_stops_the_run_after_max_failures(ray_local, tmp_path, monkeypatch):
     from reptile_dist.engine.adapt_worker import CRASH_FILE_ENV

@@ -49,6 +49,59 @@ def test_resume_needs_nothing_but_the_folder(finished, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # the resumed run ends where the uninterrupted one did
 
 
+def test_a_final_evaluation_stopped_part_way_goes_on_from_the_tasks_its_run_kept(finished, tmp_path, monkeypatch):
+    """The final evaluation keeps every task's scores in the run directory (test-scores.jsonl) as it
+    goes: a run stopped during it resumes without scoring those tasks again, and ends with the
+    uninterrupted run's figures."""
+    import reptile_dist.training as training
+
+    out = tmp_path / "run"
+    calls = []
+
+    def stopped_in_the_third_block(learner, family, theta, cfg, split, tasks, *args):
+        calls.append(list(tasks))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return score_tasks(learner, family, theta, cfg, split, tasks, *args)
+
+    from reptile_dist.evaluation import score_tasks
+
+    monkeypatch.setattr(training, "SCORES_BLOCK", 3)
+    monkeypatch.setattr(training, "score_tasks", stopped_in_the_third_block)
+    with pytest.raises(KeyboardInterrupt):
+        train_local(tiny("synthetic", meta_iters=4, checkpoint_every=2), str(out), **quiet)
+    kept = (out / "test-scores.jsonl").read_text().splitlines()
+    assert len(kept) == 1 + 6 and not (out / "summary.json").exists()
+
+    said = []
+    calls.clear()
+    summary = train_local(tiny("synthetic", meta_iters=4, checkpoint_every=2), str(out), resume=True,
+                          progress=False, say=said.append)
+    assert calls == [[6, 7, 8], [9]]  # only the tasks it lacked
+    assert "6 of the 10 test tasks scored already" in " ".join(said)
+    whole = json.loads((finished / "summary.json").read_text())
+    assert summary["eval_tasks"] == 10
+    for key in ("test_loss", "test_loss_ci95"):
+        assert summary[key] == whole[key]
+    assert len((out / "test-scores.jsonl").read_text().splitlines()) == 1 + 10
+
+
+def test_a_runs_scores_file_of_other_weights_is_scored_anew(finished, tmp_path):
+    """A test-scores.jsonl that names other weights (or is not one) is not mixed in: scored anew."""
+    out = tmp_path / "run"
+    _copy(finished, out)
+    for name in ("summary.json", "final.pt"):
+        (out / name).unlink()
+    (out / "test-scores.jsonl").write_text((finished / "test-scores.jsonl").read_text().replace(
+        '"weights_sha256": "', '"weights_sha256": "0'))
+    said = []
+    summary = train_local(tiny("synthetic", meta_iters=4, checkpoint_every=2), str(out), resume=True,
+                          progress=False, say=said.append)
+    assert any("held the scores of other weights" in line for line in said)
+    assert summary["test_loss"] == json.loads((finished / "summary.json").read_text())["test_loss"]
+    assert (out / "test-scores.jsonl").read_text() == (finished / "test-scores.jsonl").read_text()
+
+
 def test_an_edited_config_yaml_is_refused_by_the_checkpoints_own_config(finished, tmp_path):
     out = _interrupted(finished, tmp_path)
     recorded = yaml.safe_load((out / "config.yaml").read_text())
