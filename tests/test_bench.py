@@ -46,7 +46,9 @@ def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_lo
             # one prefetching worker sends each delta computed where its previous one lands
             assert row["staleness_mean"] == row["staleness_max"] == 0
             assert set(json.loads(row["staleness_histogram"])) == {"0"}
-    assert all(r["paired_local_tasks_per_s"] > 0 for r in rows)
+    # every row is bracketed by the local trainer, before and after it: its baseline is their mean
+    assert all(r["paired_local_before"] > 0 and r["paired_local_after"] > 0 for r in rows)
+    assert all(r["paired_local_tasks_per_s"] == (r["paired_local_before"] + r["paired_local_after"]) / 2 for r in rows)
     assert rows[0]["local_tasks_per_s"] > 0 and rows[0]["local_batched_tasks_per_s"] > 0
 
     capacity = pq.read_table(tmp_path / "capacity.parquet").to_pylist()

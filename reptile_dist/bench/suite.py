@@ -2,7 +2,8 @@
 
     local trainer, per-task loop and batched   -> tasks/s baseline
     each mode x each W (W=1 always), then each mode at the largest W with one straggler; before
-      each, the local trainer again for half a window (its paired baseline: speeds drift)
+      each and after each, the local trainer again for half a window (the mean of the two: its
+      paired baseline, which brackets the row: speeds drift)
       sync, async: the PS and adapt-worker actors (runner.py); allreduce: Ray Train (allreduce.py)
                                                -> bench.parquet, bench.md, scaling.png
     optionally: PS capacity against model size and wire precision, each preset's worker tasks/s
@@ -108,11 +109,13 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
             for mode, w, factor in combos:
                 c = engine_config(cfg, mode, w)
                 straggler = Straggler(STRAGGLER_WORKER, factor) if factor > 1 else None
-                paired = measure_local(cfg, family, plan.seconds / 2, min(plan.warmup, 1.0))
+                before = measure_local(cfg, family, plan.seconds / 2, min(plan.warmup, 1.0))
                 measured = (measure_allreduce(c, plan.seconds, plan.warmup, straggler) if mode == "allreduce"
                             else measure_engine(c, theta, plan.seconds, plan.warmup, straggler))
+                after = measure_local(cfg, family, plan.seconds / 2, min(plan.warmup, 1.0))
                 row = {**describe(plan, c, theta.size, local, batched, factor), "mode": mode,
-                       "paired_local_tasks_per_s": paired, **measured}
+                       "paired_local_tasks_per_s": (before + after) / 2, "paired_local_before": before,
+                       "paired_local_after": after, **measured}
                 engine_rows.append(row)
                 say(progress_line(row))
             add_efficiencies(engine_rows)
@@ -160,7 +163,7 @@ def progress_line(row: dict[str, Any]) -> str:
 
 def add_efficiencies(rows: list[dict[str, Any]]) -> None:
     """tasks/s over W times the baseline: the same mode at W=1, and the local trainer measured just
-    before the row (its paired window)."""
+    before and just after the row (its paired windows' mean)."""
     single = {r["mode"]: r["tasks_per_s"] for r in rows if r["workers"] == 1 and r["straggler_factor"] == 1}
     for r in rows:
         r["efficiency_vs_w1"] = r["tasks_per_s"] / (r["workers"] * single[r["mode"]]) if single.get(r["mode"]) else math.nan
