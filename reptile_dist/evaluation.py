@@ -67,15 +67,21 @@ TaskRange = tuple[int, int]  # tasks lo..hi-1
 SCORES_BLOCK = 50  # tasks per process between two appends to a scores file: the most an interruption loses
 
 
-def task_blocks(ranges: Iterable[TaskRange], size: int | None) -> Iterator[TaskRange]:
-    """`ranges` cut into consecutive [lo, hi) blocks of at most `size` tasks (None: each range whole)."""
+BlockSize = int | None | Callable[[], int]  # tasks a block; a callable is asked before each block
+
+
+def task_blocks(ranges: Iterable[TaskRange], size: BlockSize) -> Iterator[TaskRange]:
+    """`ranges` cut into consecutive [lo, hi) blocks of at most `size` tasks (None: each range whole;
+    a callable: asked before each block, as the actors that score them may change)."""
     for lo, hi in ranges:
-        step = max(size or hi - lo, 1)
-        for start in range(lo, hi, step):
+        start = lo
+        while start < hi:
+            step = max((size() if callable(size) else size) or hi - start, 1)
             yield start, min(start + step, hi)
+            start += step
 
 
-def score_blocks(ranges: Iterable[TaskRange], size: int | None, score: Callable[[int, int], "TaskScores"],
+def score_blocks(ranges: Iterable[TaskRange], size: BlockSize, score: Callable[[int, int], "TaskScores"],
                  on_block: Callable[[int, "TaskScores"], None] | None = None) -> "TaskScores":
     """The scores of the tasks in `ranges`, scored block by block (`task_blocks`) by `score(lo, hi)`
     in order, `on_block(lo, scores)` told of each block as it completes (a scores file keeps them)."""
@@ -183,6 +189,16 @@ class ScoresFile:
         for row in rows:
             task = row.pop("task")
             self.done[task] = row
+
+    def scored(self, tasks: int) -> int:
+        """How many of tasks 0..tasks-1 are kept."""
+        return tasks - sum(hi - lo for lo, hi in self.missing(tasks))
+
+    def complete(self, tasks: int, size: BlockSize, score: Callable[[int, int], "TaskScores"]) -> "TaskScores":
+        """Tasks 0..tasks-1: those missing scored by `score(lo, hi)` in blocks (score_blocks), each
+        kept as it completes, then all of them in order."""
+        score_blocks(self.missing(tasks), size, score, self.add)
+        return self.scores(tasks)
 
     def scores(self, tasks: int) -> "TaskScores":
         """The scores of tasks 0..tasks-1, in order."""

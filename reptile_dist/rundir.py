@@ -455,6 +455,13 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in RUN_INVARIANT_IGNORES}
 
 
+def run_defining(cfg: Config) -> Config:
+    """`cfg` with the keys that may differ between invocations of one run (RUN_INVARIANT_IGNORES,
+    but for eval_tasks) at their defaults: what the run is, not how this invocation runs it."""
+    defaults = Config()
+    return cfg.replace(**{k: getattr(defaults, k) for k in RUN_INVARIANT_IGNORES if k != "eval_tasks"})
+
+
 def config_differences(recorded: Config, cfg: Config) -> list[str]:
     """The fields that make `cfg` a different run from `recorded` (engine, workers and logging may differ)."""
     a, b = _identity(recorded.to_dict()), _identity(cfg.to_dict())

@@ -17,10 +17,9 @@ import torch
 
 from reptile_dist.config import Config, ConfigError
 from reptile_dist.errors import RunFailed
-from reptile_dist.evaluation import (SCORES_BLOCK, ScoresFile, evaluate, evaluation_identity, headline, score_blocks,
-                                     score_tasks, summarize)
+from reptile_dist.evaluation import SCORES_BLOCK, ScoresFile, evaluate, evaluation_identity, headline, score_tasks, summarize
 from reptile_dist.reptile import DeltaSum, InnerMoment, Learner, OuterOptimizer, meta_step
-from reptile_dist.rundir import RUN_INVARIANT_IGNORES, RunDir, RunDirError, config_differences, config_identity
+from reptile_dist.rundir import RunDir, RunDirError, config_differences, config_identity, run_defining
 from reptile_dist.plugins import Plugins, check_network, family_info
 from reptile_dist.tasks import TaskFamily
 
@@ -365,29 +364,28 @@ def evaluate_before(s: RunSetup, say: Callable[[str], None] = print) -> dict[str
     return result
 
 
-def kept_test_scores(s: RunSetup, theta: torch.Tensor, moment: InnerMoment | None,
+def kept_test_scores(s: RunSetup, theta: torch.Tensor, moment: InnerMoment | None, devices: str,
                      say: Callable[[str], None] = print) -> ScoresFile | None:
     """The final evaluation's scores file in the run directory (TEST_SCORES), so a final evaluation
     stopped part way (a kill, a crash, a lost cluster) goes on from the tasks it kept when the run
-    is resumed. It names the final weights and the settings that define the run (the engine, the
-    workers and the device may change between invocations, as they may on resume); one of other
-    weights (the run was resumed to go on further) is replaced. None for a run directory in an
-    object store (which cannot append): the evaluation is then scored whole."""
+    is resumed. It names the final weights, the settings that define the run (the engine and the
+    workers may change between invocations, as they may on resume: the scores do not depend on
+    them) and the kinds of device that score (`devices`: "cpu", "cpu+cuda"; they do). A file that
+    is not this evaluation's is replaced, with a line said. None for a run directory in an object
+    store (which cannot append): the evaluation is then scored whole."""
     if not s.run.local:
         return None
     path = Path(s.run.path(TEST_SCORES))
-    defaults = Config()
-    run_defining = s.cfg.replace(**{k: getattr(defaults, k) for k in RUN_INVARIANT_IGNORES if k != "eval_tasks"})
-    identity = evaluation_identity(theta.cpu(), moment, run_defining, "test", None)
+    identity = dict(evaluation_identity(theta, moment, run_defining(s.cfg), "test", None), device=devices)
     try:
         kept = ScoresFile(path, identity)
-    except ConfigError:
+    except ConfigError as exc:
         if not path.is_file():
             raise
-        say(f"{path} held the scores of other weights (the run went on since); scoring the test tasks anew")
+        say(f"{str(exc).split('; name a new file')[0]}: scoring the test tasks anew")
         path.unlink()
         kept = ScoresFile(path, identity)
-    already = s.cfg.eval_tasks - sum(hi - lo for lo, hi in kept.missing(s.cfg.eval_tasks))
+    already = kept.scored(s.cfg.eval_tasks)
     if already:
         say(f"{already} of the {s.cfg.eval_tasks} test tasks scored already ({path}); scoring the rest")
     return kept
@@ -396,12 +394,11 @@ def kept_test_scores(s: RunSetup, theta: torch.Tensor, moment: InnerMoment | Non
 def final_evaluation(s: RunSetup, theta: torch.Tensor, moment: InnerMoment | None,
                      say: Callable[[str], None] = print) -> dict[str, float]:
     """The test evaluation in this process, kept task by task in the run directory (kept_test_scores)."""
-    kept = kept_test_scores(s, theta, moment, say)
+    kept = kept_test_scores(s, theta, moment, s.learner.device.type, say)
     if kept is None:
         return evaluate(s.learner, s.family, theta, s.cfg, "test", s.cfg.eval_tasks, moment)
-    score_blocks(kept.missing(s.cfg.eval_tasks), SCORES_BLOCK, on_block=kept.add,
-                 score=lambda lo, hi: score_tasks(s.learner, s.family, theta, s.cfg, "test", range(lo, hi), moment))
-    return summarize(kept.scores(s.cfg.eval_tasks))
+    return summarize(kept.complete(s.cfg.eval_tasks, SCORES_BLOCK, lambda lo, hi: score_tasks(
+        s.learner, s.family, theta, s.cfg, "test", range(lo, hi), moment)))
 
 
 def finish_run(s: RunSetup, theta: torch.Tensor, step: int, throughput: Throughput, wall_s: float,

@@ -68,6 +68,15 @@ def test_scores_cover_every_task_and_restore_theta():
     assert torch.equal(learner.theta(), theta)
 
 
+def test_task_blocks_cover_the_ranges_in_order_and_ask_a_changing_size_before_each_block():
+    from reptile_dist.evaluation import task_blocks
+
+    assert list(task_blocks([(0, 5), (7, 9)], 2)) == [(0, 2), (2, 4), (4, 5), (7, 9)]
+    assert list(task_blocks([(0, 5), (7, 9)], None)) == [(0, 5), (7, 9)]
+    sizes = iter([3, 1, 4, 4])  # as the actors scoring them are lost, the blocks shrink
+    assert list(task_blocks([(0, 5), (7, 9)], lambda: next(sizes))) == [(0, 3), (3, 4), (4, 5), (7, 9)]
+
+
 def test_confidence_interval_is_the_normal_95_percent_half_width():
     values = [0.0, 1.0] * 50
     mean, ci = mean_ci95(values)

@@ -97,7 +97,8 @@ def test_a_runs_scores_file_of_other_weights_is_scored_anew(finished, tmp_path):
     said = []
     summary = train_local(tiny("synthetic", meta_iters=4, checkpoint_every=2), str(out), resume=True,
                           progress=False, say=said.append)
-    assert any("held the scores of other weights" in line for line in said)
+    assert any("holds the scores of another evaluation (it differs in weights_sha256): scoring the test tasks anew"
+               in line for line in said), said
     assert summary["test_loss"] == json.loads((finished / "summary.json").read_text())["test_loss"]
     assert (out / "test-scores.jsonl").read_text() == (finished / "test-scores.jsonl").read_text()
 

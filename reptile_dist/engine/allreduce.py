@@ -51,7 +51,8 @@ TRAIN_STORAGE = "ray-train"  # Ray Train's own checkpoints; inside the run direc
 def train_allreduce(cfg: Config, out: str, address: str | None = None, resume: bool = False, progress: bool = True,
                     say: Callable[[str], None] = print, on_log: Callable[[dict[str, Any]], None] | None = None,
                     plugins: Plugins | None = None) -> dict[str, Any]:
-    """Meta-train in a Ray Train worker group; the run directory ends up with the same files as a local run."""
+    """Meta-train in a Ray Train worker group; the run directory ends up with the same files as a local run
+    but test-scores.jsonl (the ranks score the final evaluation among themselves, whole)."""
     if on_log is not None:
         raise ConfigError("mode allreduce logs from its rank-0 worker and cannot call on_log; use mode sync or async")
     started = time.perf_counter()

@@ -25,7 +25,7 @@ from reptile_dist.config import Config
 from reptile_dist.engine.actors import START_TIMEOUT_S, EngineActors
 from reptile_dist.engine.cluster import run_on_cluster
 from reptile_dist.engine.sharded_eval import eval_timeout_s, score_in_shards
-from reptile_dist.evaluation import SCORES_BLOCK, ScoresFile, headline, score_blocks, shard_bounds, summarize
+from reptile_dist.evaluation import SCORES_BLOCK, ScoresFile, headline, shard_bounds, summarize
 from reptile_dist.plugins import Plugins
 from reptile_dist.reptile import InnerMoment
 from reptile_dist.training import (Cadence, RunFailed, RunSetup, Throughput, checkpoint_state, finish_run, kept_test_scores,
@@ -179,8 +179,9 @@ class EngineRun:
                 self.say(f"before meta-training ({periodic_split(s.family)}): {headline(before, s.family.kind)}")
             theta = torch.from_numpy(np.array(state["theta"]))
             moment = InnerMoment.from_state(state["outer"].get("inner_moment"))
+            devices = "+".join(sorted({str(p["device"]).split(":")[0] for p in self.placements} | {"cpu"}))  # the evaluator's
             test = self.sharded_eval(state["theta"], "test", cfg.eval_tasks, moment,
-                                     kept_test_scores(s, theta, moment, self.say))
+                                     kept_test_scores(s, theta, moment, devices, self.say))
             extra = {"ps_busy_fraction": info["busy_fraction"], "dropped_stale": info["counters"]["dropped_stale"],
                      "rejected_nonfinite": info["counters"]["rejected_nonfinite"],
                      "rejected_by_worker": info["counters"]["rejected_by_worker"],
@@ -416,9 +417,10 @@ class EngineRun:
     def sharded_eval(self, theta: np.ndarray, split: str, tasks: int, moment: InnerMoment | None = None,
                      kept: ScoresFile | None = None) -> dict[str, float]:
         """An evaluation split across the workers and the evaluator (they are idle now). A shard
-        whose actor died or stopped answering is scored again on an actor that answered, or on a
-        restarted evaluator (tasks are seeded: the same scores). `kept`: a scores file; only the
-        tasks it lacks are scored, in blocks of SCORES_BLOCK per actor, each added as it completes."""
+        whose actor died or stopped answering is scored again on the others, or on a restarted
+        evaluator (tasks are seeded: the same scores); that actor is not sent to again. `kept`: a
+        scores file; only the tasks it lacks are scored, in blocks of SCORES_BLOCK per live actor,
+        each kept as it completes."""
         actors = [a for w, a in enumerate(self.workers) if w not in self.down] + [self.evaluator]
         theta_ref = ray.put(theta)
 
@@ -430,7 +432,8 @@ class EngineRun:
             nonlocal actors
             if any(actor is self.evaluator for actor in lost):
                 self.restart_evaluator(f"lost its {split} evaluation shard")
-            actors = list({id(a): a for a in answered if a is not self.evaluator}.values()) + [self.evaluator]
+            actors = [a for a in actors if a is not self.evaluator and all(a is not gone for gone in lost)]
+            actors.append(self.evaluator)  # a restarted one, when it was lost
 
         def score(lo: int, hi: int):
             return score_in_shards([(lo + a, lo + b) for a, b in shard_bounds(hi - lo, len(actors))], send,
@@ -440,5 +443,4 @@ class EngineRun:
 
         if kept is None:
             return summarize(score(0, tasks))
-        score_blocks(kept.missing(tasks), SCORES_BLOCK * len(actors), score, kept.add)
-        return summarize(kept.scores(tasks))
+        return summarize(kept.complete(tasks, lambda: SCORES_BLOCK * len(actors), score))
