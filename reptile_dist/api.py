@@ -161,7 +161,7 @@ def _evaluate(pretrained: Pretrained, cfg: Config, tasks, split: str, transducti
         built = plugins.build_family(cfg)  # here first: a missing table or a bad plug-in is one line, not an actor's
         kept = ScoresFile(scores, evaluation_identity(theta, moment, cfg, split, transductive)) if scores else None
         todo = kept.missing(count) if kept else ([(0, count)] if count else [])
-        already = kept.scored(count) if kept else 0
+        already = count - sum(hi - lo for lo, hi in todo)  # (0 without a file)
         if already:
             print(f"{scores}: {already} of the {count} tasks scored already; scoring the rest", file=sys.stderr)
         on_block = kept.add if kept else None

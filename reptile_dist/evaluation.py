@@ -106,6 +106,10 @@ def evaluation_identity(theta: torch.Tensor, moment: InnerMoment | None, cfg: Co
                                   "device": theta.device.type, "config": config}, default=str))
 
 
+class _NotThisEvaluation(Exception):
+    """A scores file that is not of the evaluation asked for (ScoresFile decides: refuse or replace)."""
+
+
 class ScoresFile:
     """The per-task scores of one evaluation, appended (and synced) block by block as they are
     scored, so an evaluation stopped part way and started again with the same file scores only the
@@ -116,15 +120,24 @@ class ScoresFile:
     file of another evaluation (other weights, config, split or ways of scoring) is refused; a last
     line cut off by the interruption is dropped."""
 
-    def __init__(self, path: str | Path, identity: dict):
+    def __init__(self, path: str | Path, identity: dict, replace_other: bool = False):
+        """`replace_other`: a file that is not this evaluation's (another's, or not a scores file) is
+        started anew, the reason kept in `replaced`, instead of refused (a run directory's own file)."""
         self.path = Path(path)
         self.done: dict[int, dict[str, float]] = {}
+        self.replaced: str | None = None
         if self.path.exists() and not self.path.is_file():
             raise ConfigError(f"{self.path} is not a regular file; name a file for the scores")
         if self.path.is_file() and self.path.stat().st_size:
-            self._read(identity)
-        else:
-            self._append([{"evaluation": identity}])
+            try:
+                self._read(identity)
+                return
+            except _NotThisEvaluation as exc:
+                if not replace_other:
+                    raise ConfigError(f"{exc}; name a new file") from None
+                self.done, self.replaced = {}, str(exc)
+                self.path.unlink()
+        self._append([{"evaluation": identity}])
 
     def _read(self, identity: dict) -> None:
         text = self.path.read_text(encoding="utf-8", errors="replace")
@@ -148,15 +161,14 @@ class ScoresFile:
                     raise ValueError(f"task {task} has the scores {sorted(rec)}")
                 self.done[task] = {k: float(v) for k, v in rec.items()}
         except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ConfigError(f"{self.path} is not a scores file of `reptile-dist eval --scores` ({e}); "
-                              "name a new file") from None
+            raise _NotThisEvaluation(f"{self.path} is not a scores file of `reptile-dist eval --scores` ({e})") from None
         if header["evaluation"] != identity:
             theirs, ours = header["evaluation"], identity
             differs = sorted(k for k in set(theirs) | set(ours) if k != "config" and theirs.get(k) != ours.get(k))
             differs += sorted(f"config.{k}" for k in set(theirs["config"]) | set(ours["config"])
                               if theirs["config"].get(k) != ours["config"].get(k))
-            raise ConfigError(f"{self.path} holds the scores of another evaluation (it differs in "
-                              f"{', '.join(differs)}); name a new file")
+            raise _NotThisEvaluation(f"{self.path} holds the scores of another evaluation (it differs in "
+                                     f"{', '.join(differs)})")
         if len(whole) < len(text):
             with open(self.path, "r+b") as sink:
                 sink.truncate(len(whole.encode("utf-8")))

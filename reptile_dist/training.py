@@ -377,14 +377,9 @@ def kept_test_scores(s: RunSetup, theta: torch.Tensor, moment: InnerMoment | Non
         return None
     path = Path(s.run.path(TEST_SCORES))
     identity = dict(evaluation_identity(theta, moment, run_defining(s.cfg), "test", None), device=devices)
-    try:
-        kept = ScoresFile(path, identity)
-    except ConfigError as exc:
-        if not path.is_file():
-            raise
-        say(f"{str(exc).split('; name a new file')[0]}: scoring the test tasks anew")
-        path.unlink()
-        kept = ScoresFile(path, identity)
+    kept = ScoresFile(path, identity, replace_other=True)
+    if kept.replaced:
+        say(f"{kept.replaced}: scoring the test tasks anew")
     already = kept.scored(s.cfg.eval_tasks)
     if already:
         say(f"{already} of the {s.cfg.eval_tasks} test tasks scored already ({path}); scoring the rest")
