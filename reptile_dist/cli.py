@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model-presets", default="omniglot-5w1s,omniglot-5w5s,omniglot-20w1s,omniglot-20w5s",
                        help="presets the scaling model gives worker limits for (with --capacity-params)")
     bench.add_argument("--no-engine", action="store_true", help="skip the engine runs (capacity sweep and model only)")
+    bench.add_argument("--interleave", type=float, default=0.0, metavar="SECONDS",
+                       help="also run each parameter-server mode x W in turns with the local trainer in the workers' own "
+                            "processes, phases of SECONDS (e.g. 5): the efficiency against the local trainer without the machine's drift")
+    bench.add_argument("--rounds", type=int, default=8, help="pairs of interleaved phases per combination (--interleave)")
     bench.add_argument("--no-baselines", action="store_true",
                        help="skip the local trainer against the plain loop, and its threads beside a busy process")
 
@@ -230,6 +234,7 @@ def cmd_bench(args) -> int:
         capacity_dtypes=csv(args.capacity_dtypes, str, "--capacity-dtypes"),
         capacity_pushers=csv(args.capacity_pushers, int, "--capacity-pushers"), capacity_seconds=args.capacity_seconds,
         model_presets=csv(args.model_presets, str, "--model-presets"), baselines=not args.no_baselines,
+        interleave=args.interleave, rounds=args.rounds,
     )
     command = shlex.join(["reptile-dist", *sys.argv[1:]]) if Path(sys.argv[0]).name == "reptile-dist" else ""
     written = run_bench(plan, args.out, command)

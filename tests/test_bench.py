@@ -3,8 +3,10 @@ import json
 import os
 import math
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from reptile_dist.bench import allreduce, model, runner
 from reptile_dist.bench.suite import BenchPlan, run_bench
@@ -195,3 +197,95 @@ def test_the_bare_actor_takes_the_wire_format_and_answers_theta_as_the_ps_does(d
     server.stop()
     assert server.pull() is None and server.push_pull(0, 1, 1, payload) is None
     torch.set_num_threads(threads)
+
+
+def test_the_interleaved_hook_holds_the_engine_while_worker_0_runs_the_local_trainer():
+    """Odd phases of the wall clock: the worker does not come back from its hook until the phase
+    ends, worker 0 ran the local trainer meanwhile (its meta-steps whole, inside the phase past
+    the guard); even phases: the adaptation is only recorded."""
+    import time
+
+    from reptile_dist.bench.hooks import Interleaved
+
+    threads = torch.get_num_threads()
+    phase = 1.2
+    cfg = Config(torch_threads=1, workers=2)  # sync: worker 1 adapts tasks 1 and 3 of the meta-batch of 5
+    hook, other = Interleaved(cfg, phase), Interleaved(cfg, phase)
+    hook.after_adapt(0, 0.01)  # worker 0 builds its local trainer at its first call
+    returned = []  # (phase entered, phase returned in)
+    deadline = time.time() + 3 * phase
+    while time.time() < deadline:
+        for worker, h in ((0, hook), (1, other)):
+            entered = int(time.time() // phase)
+            h.after_adapt(worker, 0.01)
+            returned.append((entered, int(time.time() // phase)))
+        time.sleep(0.02)
+    torch.set_num_threads(threads)
+    assert all(back == entered for entered, back in returned if entered % 2 == 0)  # engine phase: straight back
+    assert all(back == entered + 1 for entered, back in returned if entered % 2 == 1)  # held to the phase's end
+    assert all(int(t // phase) % 2 == 0 for h in (hook, other) for t, _, _ in h.adapted)
+    assert {n for _, n, _ in other.adapted} == {2} and {n for _, n, _ in hook.adapted} == {3}
+    windows = hook.result()["local"]
+    assert windows and not other.result()["local"]  # the local trainer runs in worker 0 alone
+    for p, start, stop, tasks in windows:
+        assert p % 2 == 1 and p * phase + Interleaved.GUARD_S <= start < stop <= (p + 1) * phase + 0.05
+        assert tasks > 0 and tasks % Config().meta_batch_size == 0  # whole meta-steps
+
+
+def test_interleaved_figures_pair_each_engine_phase_with_the_local_phase_after_it():
+    from reptile_dist.bench.hooks import Interleaved
+    from reptile_dist.bench.runner import interleaved_figures
+
+    g = Interleaved.GUARD_S
+    # phase 4: adaptations of 5 tasks every 0.1 s (50 tasks/s, adapting 0.08 s of each); phase 6: every 0.2 s
+    adapted = ([(4 * 2.0 + g + 0.1 * i, 5, 0.08) for i in range(10)]
+               + [(6 * 2.0 + g + 0.2 * i, 5, 0.08) for i in range(5)]
+               + [(3 * 2.0 + 0.6, 5, 0.08)])  # before the first round: not counted
+    local = [(5, 5 * 2.0 + g, 5 * 2.0 + 1.5, 100), (7, 7 * 2.0 + g, 7 * 2.0 + 1.5, 50)]  # 100, then 50 tasks/s
+    row = interleaved_figures([{"adapted": adapted, "local": local}], 2.0, 4, 2)
+    assert row["rounds"] == 2
+    assert row["engine_tasks_per_s"] == pytest.approx((50 + 25) / 2)
+    assert row["local_tasks_per_s"] == pytest.approx(75)
+    assert row["efficiency_min"] == pytest.approx(0.5) and row["efficiency_max"] == pytest.approx(0.5)
+    assert row["efficiency_vs_local"] == pytest.approx(0.5) and row["efficiency_pooled"] == pytest.approx(0.5)
+    assert row["adapting_share"] == pytest.approx((0.8 + 0.4) / 2)
+    # adaptation speed: 5 tasks / 0.08 s = 62.5 tasks/s, against 100 and against 50
+    assert row["adapt_speed_vs_local"] == pytest.approx((0.625 + 1.25) / 2)
+    # a second worker's phase counts beside the first one's: W x the local trainer in the denominator
+    two = interleaved_figures([{"adapted": adapted, "local": local}, {"adapted": adapted, "local": []}], 2.0, 4, 2)
+    assert two["engine_tasks_per_s"] == pytest.approx(75) and two["efficiency_vs_local"] == pytest.approx(0.5)
+    with pytest.raises(RuntimeError, match="too short"):
+        interleaved_figures([{"adapted": adapted[:1], "local": local}], 2.0, 4, 2)
+
+
+def test_the_bench_interleaves_the_engine_with_the_local_trainer_in_the_workers_processes(ray_local, tmp_path):
+    from reptile_dist.bench.runner import measure_interleaved
+    from reptile_dist.bench.suite import engine_config
+
+    from reptile_dist.plugins import build_family
+    from reptile_dist.training import make_learner
+
+    cfg = engine_config(Config(torch_threads=1), "async-prefetch", 2)
+    theta = make_learner(cfg, build_family(cfg)).initial_theta().numpy()
+    row = measure_interleaved(cfg, theta, phase_s=1.5, rounds=2, warmup=0.5)
+    assert row["rounds"] == 2 and row["phase_s"] == 1.5
+    assert row["engine_tasks_per_s"] > 0 and row["local_tasks_per_s"] > 0
+    assert row["efficiency_min"] <= row["efficiency_vs_local"] <= row["efficiency_max"]
+    assert 0 < row["adapting_share"] <= 1 and row["adapt_speed_vs_local"] > 0
+
+
+def test_interleaved_rows_go_to_their_parquet_and_bench_md(tmp_path):
+    from reptile_dist.bench.suite import write_outputs
+
+    row = {"config": "sine", "mode": "sync", "workers": 1, "rounds": 8, "engine_tasks_per_s": 24.0,
+           "local_tasks_per_s": 25.0, "efficiency_vs_local": 0.96, "efficiency_min": 0.8, "efficiency_max": 1.1,
+           "efficiency_pooled": 0.95, "adapting_share": 0.94, "adapt_speed_vs_local": 1.01, "phase_s": 5.0,
+           "guard_s": 0.5, "load_1m": 1.0}
+    written = write_outputs(BenchPlan(config="sine", interleave=5.0), tmp_path, "", [], [], [], (), [row])
+    assert pq.read_table(written["interleaved.parquet"]).to_pylist() == [row]
+    text = written["bench.md"].read_text()
+    assert "Phases of 5 s" in text and "| sync | 1 | 8 | 24.0 | 25.0 | 0.96 | 0.8 | 1.1 | 0.95 | 0.94 | 1.01 |" in text
+    with pytest.raises(ConfigError, match="--interleave"):
+        BenchPlan(interleave=0.8)
+    with pytest.raises(ConfigError, match="--rounds"):
+        BenchPlan(interleave=5.0, rounds=0)

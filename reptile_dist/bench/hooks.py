@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from reptile_dist.training import LoopHooks
+from reptile_dist.engine.adapt_worker import worker_share
+from reptile_dist.plugins import build_family
+from reptile_dist.reptile import OuterOptimizer, meta_step
+from reptile_dist.training import LoopHooks, make_learner
 
 
 class Straggler(LoopHooks):
@@ -49,3 +52,75 @@ class TimedWindow(LoopHooks):
 
     def result(self) -> Any:
         return self.timeline
+
+
+class Interleaved(LoopHooks):
+    """The engine and the local trainer in turns, in the adapt workers' own processes.
+
+    Time is cut into phases of `phase_s` seconds on the wall clock (`time.time() // phase_s`, so
+    every worker process on a node switches at the same moments without being told). In even
+    phases the engine runs as it would. In odd ones the workers hold still after their next
+    adaptation: worker 0 runs the local trainer's meta-step (`reptile.meta_step`, with a learner
+    and outer optimizer of its own) on its own torch threads until the phase ends, the others wait.
+    Each pair of phases, seconds apart, in one process, compares the engine with the local trainer
+    as the bracketing windows in the driver cannot: this machine's speed drifts between minutes,
+    and the driver is another process than the workers.
+
+    A worker enters a phase only after its adaptation, so phases start late by up to one
+    adaptation: GUARD_S seconds at the start of every phase are not measured. `result()`: the wall
+    time at which this worker finished each adaptation in an even phase, with its tasks and the
+    seconds it took, and the local trainer's (phase, start, stop, tasks) windows."""
+
+    GUARD_S = 0.5
+
+    def __init__(self, cfg, phase_s: float):
+        if phase_s <= 2 * self.GUARD_S:
+            raise ValueError(f"an interleaved phase must be longer than {2 * self.GUARD_S:g} s, got {phase_s:g}")
+        self.cfg = cfg
+        self.phase_s = phase_s
+        self.adapted: list[tuple[float, int, float]] = []
+        self.local_windows: list[tuple[int, float, float, int]] = []
+        self._local = None  # (learner, family, outer, step) of worker 0's local trainer, built on first use
+
+    def after_adapt(self, worker: int, adapt_s: float) -> None:
+        if worker == 0 and self._local is None:  # in the warm-up: the first adaptation comes long before the window
+            self._local = self._local_trainer()
+        now = time.time()
+        phase = int(now // self.phase_s)
+        if phase % 2 == 0:
+            self.adapted.append((now, len(worker_share(self.cfg, worker)), adapt_s))
+            return
+        end = (phase + 1) * self.phase_s
+        if worker == 0:
+            self._run_local(phase, end)
+        while time.time() < end:  # back in the next phase, not a rounding short of it
+            time.sleep(end - time.time())
+
+    def _local_trainer(self) -> list:
+        """[learner, family, outer optimizer, next step] on the device the worker adapts on, its
+        first meta-step (which pays lazy initialisation) done."""
+        import ray
+        import torch
+
+        device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"  # as Workspace
+        family = build_family(self.cfg)
+        learner = make_learner(self.cfg, family, device)
+        outer = OuterOptimizer.for_config(self.cfg, learner.initial_theta())
+        meta_step(learner, family, outer, self.cfg, 0, range(self.cfg.meta_batch_size))  # its lazy first step
+        return [learner, family, outer, 1]
+
+    def _run_local(self, phase: int, end: float) -> None:
+        learner, family, outer, step = self._local
+        time.sleep(max(0.0, phase * self.phase_s + self.GUARD_S - time.time()))  # the other workers settle
+        tasks, last, start = 0, 0.0, time.time()
+        while time.time() + last < end:  # no meta-step that would run past the phase
+            t0 = time.perf_counter()
+            tasks += meta_step(learner, family, outer, self.cfg, step, range(self.cfg.meta_batch_size)).tasks
+            last = time.perf_counter() - t0
+            step += 1
+        self._local[3] = step
+        if tasks:
+            self.local_windows.append((phase, start, time.time(), tasks))
+
+    def result(self) -> Any:
+        return {"adapted": self.adapted, "local": self.local_windows}

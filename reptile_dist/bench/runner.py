@@ -19,6 +19,7 @@ import ray
 import torch
 
 from reptile_dist.config import Config
+from reptile_dist.bench.hooks import Interleaved
 from reptile_dist.engine.actors import EngineActors
 from reptile_dist.reptile import OuterOptimizer, meta_step
 from reptile_dist.tasks import TaskFamily
@@ -80,6 +81,74 @@ def measure_engine(cfg: Config, theta: np.ndarray, seconds: float, warmup: float
     row.update(nodes=len(set(nodes)), worker_nodes_off_ps=sum(n != nodes[0] for n in nodes[1:]),
                load_1m=max(load_before, load_1m()))
     return row
+
+
+def measure_interleaved(cfg: Config, theta: np.ndarray, phase_s: float, rounds: int, warmup: float) -> dict[str, Any]:
+    """The engine (the PS and cfg.workers adapt workers) and the local trainer in turns, in the
+    workers' own processes (bench.hooks.Interleaved): `rounds` pairs of phases of `phase_s`
+    seconds after `warmup`; each pair's ratio engine tasks/s over W x local tasks/s."""
+    cfg = cfg.replace(**FIXED_TIME)
+    engine = EngineActors(cfg, Interleaved(cfg, phase_s))
+    try:
+        ps = engine.parameter_server(theta)
+        workers = [engine.worker(w) for w in range(cfg.workers)]
+        ray.get([w.where.remote() for w in workers])
+        load_before = load_1m()
+        runs = [w.run.remote(ps) for w in workers]
+        wait_for_pushes(ps, runs, cfg.workers)
+        time.sleep(warmup)
+        first = math.ceil(time.time() / phase_s)
+        first += first % 2  # an engine phase: even
+        time.sleep(max(0.0, (first + 2 * rounds) * phase_s - time.time()))
+        load_after = load_1m()
+        ray.get(ps.stop.remote())
+        reports = ray.get(runs)  # re-raises a worker's error
+    finally:
+        engine.close()
+    row = interleaved_figures([r["hooks"] for r in reports], phase_s, first, rounds)
+    row.update(phase_s=phase_s, guard_s=Interleaved.GUARD_S, load_1m=max(load_before, load_after))
+    return row
+
+
+def interleaved_figures(results: list[dict[str, Any]], phase_s: float, first: int, rounds: int) -> dict[str, Any]:
+    """From each worker's Interleaved.result(): per round (engine phase first + 2r, local phase
+    the one after it), the engine's tasks/s (each worker's whole cycles between its first and last
+    adaptation past the guard, summed over workers) over W x the local trainer's; medians over
+    the rounds, but for the pooled ratio."""
+    guard, workers = Interleaved.GUARD_S, len(results)
+    local = {phase: tasks / (stop - start) for phase, start, stop, tasks in results[0]["local"]}
+    engine_rates, local_rates, ratios, adapting, adapt_rates = [], [], [], [], []
+    for r in range(rounds):
+        phase = first + 2 * r
+        lo, hi = phase * phase_s + guard, (phase + 1) * phase_s
+        rate, spans, tasks, adapt_s = 0.0, 0.0, 0, 0.0
+        for result in results:
+            ends = [e for e in result["adapted"] if lo <= e[0] < hi]
+            if len(ends) < 2:
+                rate = math.nan  # a worker that did not finish two adaptations in the phase: no figure
+                break
+            span = ends[-1][0] - ends[0][0]
+            rate += sum(e[1] for e in ends[1:]) / span
+            spans, tasks, adapt_s = spans + span, tasks + sum(e[1] for e in ends[1:]), adapt_s + sum(e[2] for e in ends[1:])
+        if phase + 1 in local and not math.isnan(rate):
+            engine_rates.append(rate)
+            local_rates.append(local[phase + 1])
+            ratios.append(rate / (workers * local[phase + 1]))
+            adapting.append(adapt_s / spans)
+            adapt_rates.append(tasks / adapt_s / local[phase + 1])
+    if not ratios:
+        raise RuntimeError(f"no interleaved round could be measured: phases of {phase_s:g} s are too short "
+                           "for two adaptations of every worker")
+    return {
+        "rounds": len(ratios), "engine_tasks_per_s": float(np.mean(engine_rates)),
+        "local_tasks_per_s": float(np.mean(local_rates)),
+        "efficiency_vs_local": float(np.median(ratios)), "efficiency_min": min(ratios), "efficiency_max": max(ratios),
+        "efficiency_pooled": float(np.mean(engine_rates) / (workers * np.mean(local_rates))),
+        # where the rest goes: the share of the workers' loop time spent adapting (the rest: the wire, the
+        # PS's answer, the look-ahead's own update), and how fast the engine adapts against the local trainer's
+        # whole meta-step (the other processes' work on the machine slows it, or not)
+        "adapting_share": float(np.median(adapting)), "adapt_speed_vs_local": float(np.median(adapt_rates)),
+    }
 
 
 def wait_for_pushes(ps, runs: list, count: int, timeout_s: float = 300.0) -> None:

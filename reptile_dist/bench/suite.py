@@ -19,13 +19,13 @@ from typing import Any, Callable
 
 from reptile_dist.bench import model
 from reptile_dist.bench.allreduce import measure_allreduce
-from reptile_dist.bench.hooks import Straggler
+from reptile_dist.bench.hooks import Interleaved, Straggler
 from reptile_dist.bench.plots import plot_capacity, plot_scaling
 from reptile_dist.bench.ps_capacity import capacity_sweep
 from reptile_dist.bench.baselines import local_baselines
-from reptile_dist.bench.report import (CAPACITY_COLUMNS, LOCAL_COLUMNS, MODEL_COLUMNS, engine_section, markdown_table,
-                                       write_markdown, write_parquet)
-from reptile_dist.bench.runner import measure_engine, measure_local
+from reptile_dist.bench.report import (CAPACITY_COLUMNS, INTERLEAVED_COLUMNS, LOCAL_COLUMNS, MODEL_COLUMNS, engine_section,
+                                       interleaved_section, markdown_table, write_markdown, write_parquet)
+from reptile_dist.bench.runner import measure_engine, measure_interleaved, measure_local
 from reptile_dist.config import Config, ConfigError, load_config
 from reptile_dist.engine.cluster import cluster_address, ray_cluster
 from reptile_dist.plugins import Plugins, build_family
@@ -53,6 +53,8 @@ class BenchPlan:
     capacity_seconds: float = 5.0
     model_presets: tuple[str, ...] = OMNIGLOT_PRESETS
     baselines: bool = True  # the local trainer against the plain loop, and its threads beside a busy process
+    interleave: float = 0.0  # > 0: also each parameter-server mode x W in turns with the local trainer, phases this long
+    rounds: int = 8  # pairs of interleaved phases per combination
 
     @property
     def cluster(self) -> str:
@@ -69,6 +71,9 @@ class BenchPlan:
             raise ConfigError("--seconds and --capacity-seconds must be > 0, --warmup >= 0")
         if self.straggler_factor < 1:
             raise ConfigError(f"--straggler is a slow-down factor >= 1, got {self.straggler_factor}")
+        if self.interleave and (self.interleave <= 2 * Interleaved.GUARD_S or self.rounds < 1):
+            raise ConfigError(f"--interleave is a phase length > {2 * Interleaved.GUARD_S:g} s and --rounds >= 1, "
+                              f"got {self.interleave:g} and {self.rounds}")
         if self.straggler_factor > 1 and max(self.workers) < 2:
             raise ConfigError("--straggler needs a worker count of at least 2 in --workers")
         if set(self.capacity_dtypes) - set(WIRE_DTYPES) or not self.capacity_dtypes:
@@ -89,6 +94,7 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
     engine_rows: list[dict[str, Any]] = []
     local_rows: list[dict[str, Any]] = []
     capacity_rows: list[dict[str, Any]] = []
+    interleaved_rows: list[dict[str, Any]] = []
     rates: dict[str, float] = {}
     if plan.modes and plan.baselines:
         # before Ray starts: its daemons would share the cores with the rows that use them all
@@ -119,6 +125,15 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
                 engine_rows.append(row)
                 say(progress_line(row))
             add_efficiencies(engine_rows)
+            if plan.interleave:
+                for mode, w in [(m, w) for m in plan.modes if m != "allreduce" for w in workers]:
+                    row = {"config": plan.config, "mode": mode, "workers": w,
+                           **measure_interleaved(engine_config(cfg, mode, w), theta, plan.interleave, plan.rounds,
+                                                 plan.warmup)}
+                    interleaved_rows.append(row)
+                    say(f"interleaved {mode:9} W={w}: engine {row['engine_tasks_per_s']:.1f} tasks/s, local trainer "
+                        f"{row['local_tasks_per_s']:.1f}, eff. vs local {row['efficiency_vs_local']:.2f} (median of "
+                        f"{row['rounds']} rounds; {row['efficiency_min']:.2f}-{row['efficiency_max']:.2f})")
         if plan.capacity_params:
             capacity_rows = capacity_sweep(list(plan.capacity_params), list(plan.capacity_dtypes),
                                            list(plan.capacity_pushers), plan.capacity_seconds, 1.0, say)
@@ -128,7 +143,7 @@ def run_bench(plan: BenchPlan, out: str | Path, command: str = "", say: Callable
                     rates[preset] = measure_local(pcfg, build_family(pcfg), plan.capacity_seconds, 2.0)
                     say(f"{preset}: one worker adapts {rates[preset]:.1f} tasks/s")
     return write_outputs(plan, out, command, engine_rows, capacity_rows, scaling_model(plan, capacity_rows, rates),
-                         local_rows)
+                         local_rows, interleaved_rows)
 
 
 def engine_config(cfg: Config, mode: str, workers: int) -> Config:
@@ -199,7 +214,7 @@ def scaling_model(plan: BenchPlan, capacity_rows: list[dict[str, Any]], rates: d
 
 
 def write_outputs(plan: BenchPlan, out: Path, command: str, engine_rows, capacity_rows, model_rows,
-                  local_rows=()) -> dict[str, Path]:
+                  local_rows=(), interleaved_rows=()) -> dict[str, Path]:
     written: dict[str, Path] = {}
     sections = []
     if command:
@@ -219,6 +234,10 @@ def write_outputs(plan: BenchPlan, out: Path, command: str, engine_rows, capacit
         written["scaling.png"] = plot_scaling(engine_rows, out / "scaling.png",
                                               f"{plan.config}, cluster {plan.cluster}")
         sections.append((f"Scaling: {plan.config}", engine_section(engine_rows) + "\n\n![scaling](scaling.png)"))
+    if interleaved_rows:
+        written["interleaved.parquet"] = write_parquet(list(interleaved_rows), out / "interleaved.parquet")
+        sections.append(("The engine and the local trainer in turns, in the workers' own processes",
+                         interleaved_section(list(interleaved_rows))))
     if capacity_rows:
         written["capacity.parquet"] = write_parquet(capacity_rows, out / "capacity.parquet")
         marks = {r["preset"]: r["params"] for r in model_rows}

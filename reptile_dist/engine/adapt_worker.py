@@ -222,7 +222,8 @@ class AdaptWorker(Workspace):
         return {"worker": self.index, "tasks": adapted, "busy_s": busy,
                 "adapted_ahead": guessed_right, "adapted_ahead_again": guessed_wrong,
                 "push_latency_median_s": float(np.median(latencies)) if latencies else math.nan,
-                "push_latency_p95_s": float(np.percentile(latencies, 95)) if latencies else math.nan}
+                "push_latency_p95_s": float(np.percentile(latencies, 95)) if latencies else math.nan,
+                "hooks": self.hooks.result()}  # what a benchmark's hook measured (none in a run)
 
     def _adapt(self, loop: int, theta: torch.Tensor, moment: InnerMoment | None, version: int, share: list[int],
                tasks=None, crash_check: bool = True) -> tuple[DeltaSum | None, float]:
