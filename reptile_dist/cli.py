@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import signal
 import sys
 
 from reptile_dist.config import PRESETS, Config, load_config, parse_overrides
@@ -284,7 +285,7 @@ def cmd_status(args) -> int:
 
 
 def _kept_on_interrupt(args) -> str:
-    """What a Ctrl-C leaves behind for the next try, said after `interrupted`."""
+    """What a Ctrl-C (or SIGTERM) leaves behind for the next try, said after `interrupted`."""
     if args.command == "train":
         return "; the run directory keeps its last checkpoint"
     if args.command == "eval" and args.scores:
@@ -313,10 +314,21 @@ def _error(message: str) -> int:
     return 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a scheduler's preemption (Slurm, Kubernetes), `kill`, a stopped `ray job`. The
+    command stops as Ctrl-C stops it: what it saved stays, and a run resumes from it."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. UserError and an environment OSError: one line, exit 2. A failed run: exit
-    1. Ctrl-C: exit 130. Anything else is a bug in reptile-dist and is raised with its traceback."""
+    1. Ctrl-C: exit 130, SIGTERM: exit 143, both after the command's own clean-up. Anything else
+    is a bug in reptile-dist and is raised with its traceback."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # engine/cluster.py keeps it past ray.init
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
@@ -328,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"reptile-dist: run stopped: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"reptile-dist: terminated (SIGTERM){_kept_on_interrupt(args)}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"reptile-dist: interrupted{_kept_on_interrupt(args)}", file=sys.stderr)
         return 130

@@ -86,6 +86,27 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_sync_run(tmp_path):
     assert torch.allclose(_params(out), _params(tmp_path / "local"), atol=1e-6)
 
 
+@pytest.mark.slow  # a CLI run that starts its own Ray
+def test_sigterm_stops_a_run_as_ctrl_c_does_with_one_line_and_its_checkpoint_kept(tmp_path):
+    """A scheduler's preemption (Slurm, Kubernetes) or `kill`: not Ray's stack dump of the signal
+    but the interrupt's way out, exit 143, and the run resumes from what it kept."""
+    out = tmp_path / "run"
+    args = CLI + ["train", "--config", "sine", "--backend", "ray", "--workers", "1", "--mode", "sync", "--no-progress",
+                  "--set", "meta_iters=100000", "--set", "checkpoint_every=30", "--set", "eval_every=0",
+                  "--set", "eval_tasks=10", "--set", "torch_threads=1", "--out", str(out)]
+    run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "checkpoints" / "ckpt-00000030.pt", timeout=240)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 143
+    stderr = run.stderr.read()
+    lines = [line for line in stderr.splitlines() if line.startswith("reptile-dist:")]
+    assert lines == ["reptile-dist: terminated (SIGTERM); the run directory keeps its last checkpoint"], stderr[-2000:]
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert not (out / "final.pt").exists()
+    kept = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    assert kept and load_checkpoint(str(kept[-1]))
+
+
 def _garbage(path):
     path.write_bytes(b"this is not an arrow file")
     return str(path)

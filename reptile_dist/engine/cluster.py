@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -79,10 +81,11 @@ def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = Fa
     if address:
         check_reachable(address, source)
     try:
-        if address:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
-        else:
-            start_local_ray(num_cpus, include_dashboard)
+        with own_sigterm_handler():
+            if address:
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+            else:
+                start_local_ray(num_cpus, include_dashboard)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({source}): "
                            f"{str(exc).splitlines()[0]}") from None
@@ -90,6 +93,20 @@ def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = Fa
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def own_sigterm_handler() -> Iterator[None]:
+    """ray.init puts its own SIGTERM handler in the driver (it prints a native stack and ends the
+    process at once); a Python handler the program had (the CLI's: stop as Ctrl-C does, with the
+    clean-up and the checkpoint message) is put back after it."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def start_local_ray(num_cpus: int, include_dashboard: bool = False, log_to_driver: bool = True) -> None:
