@@ -7,6 +7,7 @@ import errno
 import json
 import signal
 import sys
+import threading
 
 from reptile_dist.config import PRESETS, Config, load_config, parse_overrides
 
@@ -320,6 +321,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
     raise Terminated()
 
 
@@ -328,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     1. Ctrl-C: exit 130, SIGTERM: exit 143, both after the command's own clean-up. Anything else
     is a bug in reptile-dist and is raised with its traceback."""
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)  # engine/cluster.py keeps it past ray.init
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    before = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None  # kept past ray.init: engine/cluster.py
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
@@ -346,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"reptile-dist: interrupted{_kept_on_interrupt(args)}", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, before)  # main() called in-process (tests, notebooks) leaves no trace
 
 
 if __name__ == "__main__":

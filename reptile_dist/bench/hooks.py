@@ -67,9 +67,13 @@ class Interleaved(LoopHooks):
     and the driver is another process than the workers.
 
     A worker enters a phase only after its adaptation, so phases start late by up to one
-    adaptation: GUARD_S seconds at the start of every phase are not measured. `result()`: the wall
-    time at which this worker finished each adaptation in an even phase, with its tasks and the
-    seconds it took, and the local trainer's (phase, start, stop, tasks) windows."""
+    adaptation: GUARD_S seconds at the start of every phase are not measured, and a round in which
+    a worker came to hold later than the local trainer's window began (an adaptation longer than
+    the guard) is left out by `runner.interleaved_figures`. `result()`: the wall time at which this
+    worker finished each adaptation in an even phase, with its tasks and the seconds it took; when
+    it came to hold in each odd phase; and (worker 0) the local trainer's (phase, start, stop,
+    tasks) windows. The local trainer's learner is built from the configuration's own plug-ins,
+    seeded as a run's is (make_learner)."""
 
     GUARD_S = 0.5
 
@@ -79,8 +83,10 @@ class Interleaved(LoopHooks):
         self.cfg = cfg
         self.phase_s = phase_s
         self.adapted: list[tuple[float, int, float]] = []
+        self.held: list[tuple[int, float]] = []
         self.local_windows: list[tuple[int, float, float, int]] = []
-        self._local = None  # (learner, family, outer, step) of worker 0's local trainer, built on first use
+        self._local = None  # [learner, family, outer, next step] of worker 0's local trainer, built on first use
+        self._step_s = 0.0  # the local trainer's last meta-step, for the next phase's "does one more fit"
 
     def after_adapt(self, worker: int, adapt_s: float) -> None:
         if worker == 0 and self._local is None:  # in the warm-up: the first adaptation comes long before the window
@@ -90,11 +96,12 @@ class Interleaved(LoopHooks):
         if phase % 2 == 0:
             self.adapted.append((now, len(worker_share(self.cfg, worker)), adapt_s))
             return
+        self.held.append((phase, now))
         end = (phase + 1) * self.phase_s
         if worker == 0:
             self._run_local(phase, end)
-        while time.time() < end:  # back in the next phase, not a rounding short of it
-            time.sleep(end - time.time())
+        while (left := end - time.time()) > 0:  # back in the next phase, not a rounding short of it
+            time.sleep(left)
 
     def _local_trainer(self) -> list:
         """[learner, family, outer optimizer, next step] on the device the worker adapts on, its
@@ -107,20 +114,23 @@ class Interleaved(LoopHooks):
         learner = make_learner(self.cfg, family, device)
         outer = OuterOptimizer.for_config(self.cfg, learner.initial_theta())
         meta_step(learner, family, outer, self.cfg, 0, range(self.cfg.meta_batch_size))  # its lazy first step
-        return [learner, family, outer, 1]
+        t0 = time.perf_counter()
+        meta_step(learner, family, outer, self.cfg, 1, range(self.cfg.meta_batch_size))
+        self._step_s = time.perf_counter() - t0
+        return [learner, family, outer, 2]
 
     def _run_local(self, phase: int, end: float) -> None:
         learner, family, outer, step = self._local
         time.sleep(max(0.0, phase * self.phase_s + self.GUARD_S - time.time()))  # the other workers settle
-        tasks, last, start = 0, 0.0, time.time()
-        while time.time() + last < end:  # no meta-step that would run past the phase
+        tasks, start = 0, time.time()
+        while time.time() + self._step_s < end:  # no meta-step that would run past the phase
             t0 = time.perf_counter()
             tasks += meta_step(learner, family, outer, self.cfg, step, range(self.cfg.meta_batch_size)).tasks
-            last = time.perf_counter() - t0
+            self._step_s = time.perf_counter() - t0
             step += 1
         self._local[3] = step
         if tasks:
             self.local_windows.append((phase, start, time.time(), tasks))
 
     def result(self) -> Any:
-        return {"adapted": self.adapted, "local": self.local_windows}
+        return {"adapted": self.adapted, "held": self.held, "local": self.local_windows}

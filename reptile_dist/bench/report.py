@@ -30,7 +30,7 @@ LOCAL_COLUMNS = [
     ("vs_plain_loop_min", "least"), ("vs_plain_loop_max", "greatest"), ("load_1m", "load"),
 ]
 INTERLEAVED_COLUMNS = [
-    ("mode", "mode"), ("workers", "W"), ("rounds", "rounds"), ("engine_tasks_per_s", "engine tasks/s"),
+    ("mode", "mode"), ("workers", "W"), ("rounds", "rounds"), ("rounds_asked", "of"), ("engine_tasks_per_s", "engine tasks/s"),
     ("local_tasks_per_s", "local trainer tasks/s"), ("efficiency_vs_local", "eff. vs local (median of rounds)"),
     ("efficiency_min", "least"), ("efficiency_max", "greatest"), ("efficiency_pooled", "pooled"),
     ("adapting_share", "workers' time adapting"), ("adapt_speed_vs_local", "adaptation speed vs local"), ("load_1m", "load"),
@@ -95,12 +95,14 @@ def interleaved_section(rows: list[dict[str, Any]]) -> str:
     return "\n".join([
         f"Phases of {rows[0]['phase_s']:g} s on the wall clock, in turns: the engine as it runs, then, with every worker "
         "holding still after its adaptation, the local trainer's meta-step in worker 0's own process on its own "
-        f"threads ({rows[0]['rounds']} rounds after the warm-up; the first {rows[0]['guard_s']:g} s of every phase "
-        "not measured). eff. vs local: each round's engine tasks/s over W x the local trainer's in the phase after it, "
-        "the median of the rounds (least and greatest beside it); pooled: the means' ratio. Where the rest goes: the "
+        f"threads ({rows[0]['rounds_asked']} rounds asked after the warm-up; the first {rows[0]['guard_s']:g} s of every "
+        "phase not measured; a round in which a worker was still adapting when the local window began, or without "
+        "two adaptations of every worker, is left out: rounds measured of those asked). eff. vs local: each round's engine tasks/s over W x the local trainer's in the phase after it, "
+        "the median of the rounds (least and greatest beside it); tasks/s: means of the rounds; pooled: the means' ratio. Where the rest goes: the "
         "share of the workers' loop time spent adapting (the rest is the wire, waiting for the PS, the look-ahead's "
         "own update), and the engine's adaptation speed (tasks over adapting seconds) against the local trainer's "
-        "whole meta-step (medians of the rounds). Both sides of a round "
+        "whole meta-step (medians of the rounds). Engine tasks are those the workers adapted, applied or not (the "
+        "bracketed rows count the applied ones and the dropped). Both sides of a round "
         "run seconds apart in one process, so this machine's drift between minutes, and the driver process, are "
         "out of the comparison.",
         "",

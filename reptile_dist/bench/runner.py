@@ -113,10 +113,16 @@ def measure_interleaved(cfg: Config, theta: np.ndarray, phase_s: float, rounds: 
 def interleaved_figures(results: list[dict[str, Any]], phase_s: float, first: int, rounds: int) -> dict[str, Any]:
     """From each worker's Interleaved.result(): per round (engine phase first + 2r, local phase
     the one after it), the engine's tasks/s (each worker's whole cycles between its first and last
-    adaptation past the guard, summed over workers) over W x the local trainer's; medians over
-    the rounds, but for the pooled ratio."""
+    adaptation past the guard, summed over workers) over W x the local trainer's. Rounds whose local
+    window began before every worker held are left out (counted in rounds_late); a round without
+    two adaptations of every worker in its engine phase, or without a local window, too. Rates are
+    means over the rounds, ratios and shares medians, the pooled ratio the means' ratio."""
     guard, workers = Interleaved.GUARD_S, len(results)
-    local = {phase: tasks / (stop - start) for phase, start, stop, tasks in results[0]["local"]}
+    local = {phase: (tasks / (stop - start), start) for phase, start, stop, tasks in results[0]["local"]}
+    late = set()  # odd phases in which a worker came to hold after the local window had begun
+    for result in results:
+        late |= {phase for phase, held in result["held"] if phase in local and held > local[phase][1]}
+    local = {phase: rate for phase, (rate, _) in local.items() if phase not in late}
     engine_rates, local_rates, ratios, adapting, adapt_rates = [], [], [], [], []
     for r in range(rounds):
         phase = first + 2 * r
@@ -137,10 +143,11 @@ def interleaved_figures(results: list[dict[str, Any]], phase_s: float, first: in
             adapting.append(adapt_s / spans)
             adapt_rates.append(tasks / adapt_s / local[phase + 1])
     if not ratios:
-        raise RuntimeError(f"no interleaved round could be measured: phases of {phase_s:g} s are too short "
-                           "for two adaptations of every worker")
+        raise RuntimeError(f"no interleaved round could be measured: phases of {phase_s:g} s are too short for two "
+                           f"adaptations of every worker, or a worker adapted nothing, or adapted past the "
+                           f"{guard:g} s guard into every local phase ({len(late)} such)")
     return {
-        "rounds": len(ratios), "engine_tasks_per_s": float(np.mean(engine_rates)),
+        "rounds": len(ratios), "rounds_asked": rounds, "rounds_late": len(late & {first + 2 * r + 1 for r in range(rounds)}), "engine_tasks_per_s": float(np.mean(engine_rates)),
         "local_tasks_per_s": float(np.mean(local_rates)),
         "efficiency_vs_local": float(np.median(ratios)), "efficiency_min": min(ratios), "efficiency_max": max(ratios),
         "efficiency_pooled": float(np.mean(engine_rates) / (workers * np.mean(local_rates))),

@@ -89,6 +89,9 @@ def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = Fa
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({source}): "
                            f"{str(exc).splitlines()[0]}") from None
+    except BaseException:  # Ctrl-C or SIGTERM while Ray starts: leave no half-started cluster behind
+        ray.shutdown()
+        raise
     try:
         yield
     finally:
@@ -99,13 +102,13 @@ def ray_session(address: str | None, num_cpus: int, include_dashboard: bool = Fa
 def own_sigterm_handler() -> Iterator[None]:
     """ray.init puts its own SIGTERM handler in the driver (it prints a native stack and ends the
     process at once); a Python handler the program had (the CLI's: stop as Ctrl-C does, with the
-    clean-up and the checkpoint message) is put back after it."""
+    clean-up and the checkpoint message), or an ignored SIGTERM, is put back after it."""
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
     try:
         yield
     finally:
-        if callable(before):
+        if callable(before) or before == signal.SIG_IGN:
             signal.signal(signal.SIGTERM, before)
 
 
