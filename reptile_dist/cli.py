@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reptile-dist: interrupted{_kept_on_interrupt(args)}", file=sys.stderr)
         return 130
     finally:
-        if in_main_thread:
+        if before is not None:  # None: not ours to set (another thread), or a handler set outside Python
             signal.signal(signal.SIGTERM, before)  # main() called in-process (tests, notebooks) leaves no trace
 
 

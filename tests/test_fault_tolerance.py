@@ -66,17 +66,23 @@ def test_a_killed_parameter_server_is_restored_from_the_last_checkpoint(ray_loca
     assert torch.allclose(_params(out), _params(tmp_path / "local"), atol=1e-6)
 
 
+def _signalled_at_first_checkpoint(args: list[str], out, sig) -> subprocess.Popen:
+    """The CLI run `args` (run directory `out`, a checkpoint every 30 steps), sent `sig` once its
+    first checkpoint is on disk: early, since on a loaded machine this process may not see the
+    checkpoint for a second or more, and the signal must still reach the run before it ends."""
+    run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "checkpoints" / "ckpt-00000030.pt", timeout=240)
+    run.send_signal(sig)
+    return run
+
+
 @pytest.mark.slow  # two CLI runs, each starting its own Ray
 def test_resume_after_an_interrupt_equals_the_uninterrupted_sync_run(tmp_path):
     out = tmp_path / "run"
     args = CLI + ["train", "--config", "sine", "--backend", "ray", "--workers", "2", "--mode", "sync", "--no-progress",
                   "--set", "meta_iters=300", "--set", "checkpoint_every=30", "--set", "eval_tasks=10",
                   "--set", "eval_tasks_periodic=10", "--set", "torch_threads=1", "--out", str(out)]
-    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # interrupted early: on a loaded machine this process may not see the checkpoint for a second or more,
-    # and the interrupt must still reach the run before it ends
-    _wait_for(out / "checkpoints" / "ckpt-00000030.pt", timeout=240)
-    first.send_signal(signal.SIGINT)
+    first = _signalled_at_first_checkpoint(args, out, signal.SIGINT)
     assert first.wait(timeout=120) != 0, first.stderr.read()[-2000:]
     assert not (out / "final.pt").exists()
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
@@ -89,14 +95,12 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_sync_run(tmp_path):
 @pytest.mark.slow  # a CLI run that starts its own Ray
 def test_sigterm_stops_a_run_as_ctrl_c_does_with_one_line_and_its_checkpoint_kept(tmp_path):
     """A scheduler's preemption (Slurm, Kubernetes) or `kill`: not Ray's stack dump of the signal
-    but the interrupt's way out, exit 143, and the run resumes from what it kept."""
+    but the interrupt's way out, exit 143, and the run keeps what it saved."""
     out = tmp_path / "run"
     args = CLI + ["train", "--config", "sine", "--backend", "ray", "--workers", "1", "--mode", "sync", "--no-progress",
                   "--set", "meta_iters=100000", "--set", "checkpoint_every=30", "--set", "eval_every=0",
                   "--set", "eval_tasks=10", "--set", "torch_threads=1", "--out", str(out)]
-    run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "checkpoints" / "ckpt-00000030.pt", timeout=240)
-    run.send_signal(signal.SIGTERM)
+    run = _signalled_at_first_checkpoint(args, out, signal.SIGTERM)
     assert run.wait(timeout=120) == 143
     stderr = run.stderr.read()
     lines = [line for line in stderr.splitlines() if line.startswith("reptile-dist:")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from reptile_dist.engine.adapt_worker import worker_share
+from reptile_dist.engine.adapt_worker import actor_device, worker_share
 from reptile_dist.plugins import build_family
 from reptile_dist.reptile import OuterOptimizer, meta_step
 from reptile_dist.training import LoopHooks, make_learner
@@ -106,12 +106,8 @@ class Interleaved(LoopHooks):
     def _local_trainer(self) -> list:
         """[learner, family, outer optimizer, next step] on the device the worker adapts on, its
         first meta-step (which pays lazy initialisation) done."""
-        import ray
-        import torch
-
-        device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"  # as Workspace
         family = build_family(self.cfg)
-        learner = make_learner(self.cfg, family, device)
+        learner = make_learner(self.cfg, family, actor_device())
         outer = OuterOptimizer.for_config(self.cfg, learner.initial_theta())
         meta_step(learner, family, outer, self.cfg, 0, range(self.cfg.meta_batch_size))  # its lazy first step
         t0 = time.perf_counter()

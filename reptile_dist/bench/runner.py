@@ -127,27 +127,23 @@ def interleaved_figures(results: list[dict[str, Any]], phase_s: float, first: in
     for r in range(rounds):
         phase = first + 2 * r
         lo, hi = phase * phase_s + guard, (phase + 1) * phase_s
-        rate, spans, tasks, adapt_s = 0.0, 0.0, 0, 0.0
-        for result in results:
-            ends = [e for e in result["adapted"] if lo <= e[0] < hi]
-            if len(ends) < 2:
-                rate = math.nan  # a worker that did not finish two adaptations in the phase: no figure
-                break
-            span = ends[-1][0] - ends[0][0]
-            rate += sum(e[1] for e in ends[1:]) / span
-            spans, tasks, adapt_s = spans + span, tasks + sum(e[1] for e in ends[1:]), adapt_s + sum(e[2] for e in ends[1:])
-        if phase + 1 in local and not math.isnan(rate):
-            engine_rates.append(rate)
-            local_rates.append(local[phase + 1])
-            ratios.append(rate / (workers * local[phase + 1]))
-            adapting.append(adapt_s / spans)
-            adapt_rates.append(tasks / adapt_s / local[phase + 1])
+        engine = _engine_phase(results, lo, hi)
+        if engine is None or phase + 1 not in local:
+            continue
+        rate, spans, tasks, adapt_s = engine
+        engine_rates.append(rate)
+        local_rates.append(local[phase + 1])
+        ratios.append(rate / (workers * local[phase + 1]))
+        adapting.append(adapt_s / spans)
+        adapt_rates.append(tasks / adapt_s / local[phase + 1])
     if not ratios:
         raise RuntimeError(f"no interleaved round could be measured: phases of {phase_s:g} s are too short for two "
                            f"adaptations of every worker, or a worker adapted nothing, or adapted past the "
                            f"{guard:g} s guard into every local phase ({len(late)} such)")
     return {
-        "rounds": len(ratios), "rounds_asked": rounds, "rounds_late": len(late & {first + 2 * r + 1 for r in range(rounds)}), "engine_tasks_per_s": float(np.mean(engine_rates)),
+        "rounds": len(ratios), "rounds_asked": rounds,
+        "rounds_late": len(late & {first + 2 * r + 1 for r in range(rounds)}),
+        "engine_tasks_per_s": float(np.mean(engine_rates)),
         "local_tasks_per_s": float(np.mean(local_rates)),
         "efficiency_vs_local": float(np.median(ratios)), "efficiency_min": min(ratios), "efficiency_max": max(ratios),
         "efficiency_pooled": float(np.mean(engine_rates) / (workers * np.mean(local_rates))),
@@ -156,6 +152,20 @@ def interleaved_figures(results: list[dict[str, Any]], phase_s: float, first: in
         # whole meta-step (the other processes' work on the machine slows it, or not)
         "adapting_share": float(np.median(adapting)), "adapt_speed_vs_local": float(np.median(adapt_rates)),
     }
+
+
+def _engine_phase(results: list[dict[str, Any]], lo: float, hi: float) -> tuple[float, float, int, float] | None:
+    """The workers' adaptations that ended in [lo, hi): (tasks/s summed over the workers, their
+    spans, tasks and adapting seconds), each worker's whole cycles between its first and last;
+    None when a worker did not finish two adaptations there."""
+    rate, spans, tasks, adapt_s = 0.0, 0.0, 0, 0.0
+    for result in results:
+        ends = [e for e in result["adapted"] if lo <= e[0] < hi]
+        if len(ends) < 2:
+            return None
+        span, n = ends[-1][0] - ends[0][0], sum(e[1] for e in ends[1:])
+        rate, spans, tasks, adapt_s = rate + n / span, spans + span, tasks + n, adapt_s + sum(e[2] for e in ends[1:])
+    return rate, spans, tasks, adapt_s
 
 
 def wait_for_pushes(ps, runs: list, count: int, timeout_s: float = 300.0) -> None:

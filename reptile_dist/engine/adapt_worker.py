@@ -65,13 +65,18 @@ def _same_estimate(a: InnerMoment | None, b: InnerMoment | None) -> bool:
     return a.steps == b.steps and _same_bits(a.sq, b.sq)
 
 
+def actor_device() -> str:
+    """This process's device: its GPU when Ray assigned one (and torch sees it), else the CPU."""
+    return "cuda" if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
 class Workspace:
     """A task family and a learner on this actor's device (its GPU when Ray assigned one)."""
 
     def __init__(self, cfg: dict, plugins: Plugins | None = None):
         self.cfg = Config(**cfg)
         set_torch_threads(self.cfg, self.cfg.cpus_per_worker)
-        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.device = actor_device()
         plugins = plugins or Plugins.of(self.cfg)
         self.family = build_family(self.cfg, plugins)
         self.learner = make_learner(self.cfg, self.family, self.device, plugins)
