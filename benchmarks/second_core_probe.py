@@ -2,6 +2,7 @@
 one core, one thread, in turns with a process spinning on the other core and without it.
 
     PYTHONPATH=. python benchmarks/second_core_probe.py [--config omniglot-5w1s] [--rounds 10] [--seconds 4]
+                                                       [--neighbour spin|trainer]
 
 An engine with one adapt worker on a 2-core machine has the parameter server, the driver and
 Ray's daemons on the other core while the worker adapts; the local trainer has that core nearly
@@ -10,10 +11,16 @@ caches), work on one slows the other. This measures that effect alone, with noth
 engine: each round a window with the other core idle, then one with a Python process spinning
 on it (stopped and continued with SIGSTOP / SIGCONT), their ratio per round. Needs 2 cores and
 Linux (sched_setaffinity).
+
+`--neighbour trainer`: the other core runs a second local trainer (its own process, one thread,
+the same config) instead of the spinner. Then the two trainers' tasks/s together against the lone
+one's is what two perfectly independent workers could make on this machine: the ceiling for an
+engine with two adapt workers, before anything of Ray or the parameter server.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import signal
 import statistics
@@ -31,23 +38,41 @@ from reptile_dist.training import make_learner
 SPIN = "import os\nos.sched_setaffinity(0, {%d})\nwhile True:\n    pass\n"
 
 
+def _trainer(config: str, overrides: list[str], core: int):
+    """The local trainer pinned to `core` at one thread: its config, learner, family and outer step."""
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    cfg = load_config(config, parse_overrides(overrides))
+    family = build_family(cfg)
+    learner = make_learner(cfg, family)
+    return cfg, family, learner, OuterOptimizer.for_config(cfg, learner.initial_theta())
+
+
+def _neighbour(config: str, overrides: list[str], core: int, tasks) -> None:
+    """`--neighbour trainer`: meta-steps without end, counting its tasks in the shared `tasks`."""
+    cfg, family, learner, outer = _trainer(config, overrides, core)
+    step = 0
+    while True:
+        done = meta_step(learner, family, outer, cfg, step, range(cfg.meta_batch_size)).tasks
+        with tasks.get_lock():
+            tasks.value += done
+        step += 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="omniglot-5w1s")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per window")
+    parser.add_argument("--neighbour", choices=("spin", "trainer"), default="spin",
+                        help="what runs on the other core in the busy windows (default: a spinning process)")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         sys.exit("second_core_probe: needs two cores")
     trainer_core, other_core = cores[-1], cores[0]
-    os.sched_setaffinity(0, {trainer_core})
-    torch.set_num_threads(1)
-    cfg = load_config(args.config, parse_overrides(args.overrides))
-    family = build_family(cfg)
-    learner = make_learner(cfg, family)
-    outer = OuterOptimizer.for_config(cfg, learner.initial_theta())
+    cfg, family, learner, outer = _trainer(args.config, args.overrides, trainer_core)
     step = 0
 
     def window(seconds: float) -> float:
@@ -58,25 +83,46 @@ def main() -> None:
             step += 1
         return tasks / (time.perf_counter() - start)
 
-    spinner = subprocess.Popen([sys.executable, "-c", SPIN % other_core])
+    neighbour_tasks = None
+    if args.neighbour == "trainer":
+        spawn = multiprocessing.get_context("spawn")
+        neighbour_tasks = spawn.Value("q", 0)
+        neighbour = spawn.Process(target=_neighbour, args=(args.config, args.overrides, other_core, neighbour_tasks),
+                                  daemon=True)
+        neighbour.start()
+        pid = neighbour.pid
+        time.sleep(8.0)  # its imports and first steps, while this one waits
+    else:
+        neighbour = subprocess.Popen([sys.executable, "-c", SPIN % other_core])
+        pid = neighbour.pid
     try:
-        os.kill(spinner.pid, signal.SIGSTOP)
+        os.kill(pid, signal.SIGSTOP)
         window(3.0)  # torch's lazy first steps
-        ratios = []
+        ratios, pairs = [], []
         for r in range(args.rounds):
             quiet = window(args.seconds)
-            os.kill(spinner.pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGCONT)
             time.sleep(0.3)
+            before = neighbour_tasks.value if neighbour_tasks is not None else 0
+            t0 = time.perf_counter()
             busy = window(args.seconds)
-            os.kill(spinner.pid, signal.SIGSTOP)
+            other = (neighbour_tasks.value - before) / (time.perf_counter() - t0) if neighbour_tasks is not None else 0.0
+            os.kill(pid, signal.SIGSTOP)
             ratios.append(busy / quiet)
-            print(f"round {r + 1}: other core idle {quiet:.1f} tasks/s, spinning {busy:.1f} tasks/s, ratio {busy / quiet:.3f}",
-                  flush=True)
+            line = (f"round {r + 1}: other core idle {quiet:.1f} tasks/s, {args.neighbour} beside {busy:.1f} tasks/s, "
+                    f"ratio {busy / quiet:.3f}")
+            if neighbour_tasks is not None:
+                pairs.append((busy + other) / quiet)
+                line += f"; the neighbour {other:.1f} tasks/s, the pair {pairs[-1]:.3f}x the lone trainer"
+            print(line, flush=True)
     finally:
-        spinner.kill()
-    print(f"{args.config}, core {trainer_core} (other core {other_core}): with the other core busy the local trainer "
-          f"runs {statistics.median(ratios):.3f}x its speed beside an idle one (median of {len(ratios)} rounds; "
-          f"{min(ratios):.3f}-{max(ratios):.3f})")
+        neighbour.kill()
+    print(f"{args.config}, core {trainer_core} (other core {other_core}): with the other core busy ({args.neighbour}) "
+          f"the local trainer runs {statistics.median(ratios):.3f}x its speed beside an idle one (median of "
+          f"{len(ratios)} rounds; {min(ratios):.3f}-{max(ratios):.3f})")
+    if pairs:
+        print(f"two local trainers, one per core, make {statistics.median(pairs):.3f}x the tasks/s of one alone "
+              f"(median of {len(pairs)} rounds; {min(pairs):.3f}-{max(pairs):.3f}): the ceiling for two adapt workers here")
 
 
 if __name__ == "__main__":
