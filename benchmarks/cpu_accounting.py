@@ -65,9 +65,9 @@ def snapshot() -> tuple[dict, dict]:
 
 
 def label(cmd: str) -> str:
-    """A short name: Ray's actor processes name themselves ray::Class[.method]; Ray's daemons by binary."""
+    """A short name: an actor process by its class (its title is ray::Class[.method]); Ray's daemons by binary."""
     if cmd.startswith("ray::"):
-        return cmd.split()[0]
+        return cmd.split()[0].split(".")[0]  # the actor's class; its title names the method it runs now
     for daemon in ("gcs_server", "raylet", "log_monitor", "dashboard", "monitor.py"):
         if daemon in cmd:
             return daemon
