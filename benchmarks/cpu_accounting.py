@@ -87,7 +87,8 @@ def tasks_logged(run: Path) -> list[tuple[float, float]]:
             row = json.loads(line)
         except ValueError:  # a line being written
             continue
-        rows.append((row["wall_s"], row["step"]))
+        if "wall_s" in row and "step" in row:  # metric rows (not events)
+            rows.append((row["wall_s"], row["step"]))
     return rows
 
 
@@ -110,23 +111,27 @@ def main() -> None:
                    "--workers", str(args.workers), "--mode", args.mode, "--out", str(run), "--no-progress"]
         for override in fixed + args.overrides:
             command += ["--set", override]
-        job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = open(Path(tmp) / "job.log", "w+")
+        job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
         try:
             time.sleep(args.warmup)
             if job.poll() is not None:
-                sys.exit(f"cpu_accounting: the job ended early:\n{job.stderr.read()}")
-            before, before_threads = snapshot()
+                log.seek(0)
+                sys.exit(f"cpu_accounting: the job ended early:\n{log.read()}")
             rows_before, t0 = tasks_logged(run), time.perf_counter()
+            before, before_threads = snapshot()
             time.sleep(args.seconds)
-            after, after_threads = snapshot()
             window = time.perf_counter() - t0
+            after, after_threads = snapshot()
             rows_after = tasks_logged(run)
         finally:
-            job.send_signal(signal.SIGTERM)
+            job.send_signal(signal.SIGTERM)  # the CLI stops as on Ctrl-C: Ray shut down, daemons gone
             try:
                 job.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 job.kill()
+                job.wait()
+            log.close()
     share = {pid: (after[pid][1] - before.get(pid, ("", 0))[1]) / TICKS / window for pid in after}
     groups: dict[str, list[float]] = {}
     for pid, used in share.items():
@@ -140,15 +145,16 @@ def main() -> None:
     print(f"  {100 * sum(u for u in share.values() if u > 0.002):6.1f}%  in all")
     workers = [pid for pid in after if after[pid][0].startswith("ray::AdaptWorker")]
     for pid in workers:
+        used = {tid: ((ticks - before_threads.get((p, tid), ("", 0))[1]) / TICKS / window, name)
+                for (p, tid), (name, ticks) in after_threads.items() if p == pid}
+        busiest = max(used, key=lambda tid: used[tid][0])  # the thread running the actor's calls (adapting)
         parts = {}
-        for (p, tid), (name, ticks) in after_threads.items():
-            if p == pid:
-                used = (ticks - before_threads.get((p, tid), ("", 0))[1]) / TICKS / window
-                parts[name] = parts.get(name, 0.0) + used
-        main_thread = parts.pop(after_threads[(pid, pid)][0], 0.0) if (pid, pid) in after_threads else 0.0
-        rest = ", ".join(f"{name} {100 * used:.1f}%" for name, used in sorted(parts.items(), key=lambda kv: -kv[1])
-                         if used > 0.002)
-        print(f"  adapt worker {pid}: main thread {100 * main_thread:.1f}%; {rest}")
+        for tid, (share_of_core, name) in used.items():
+            if tid != busiest:
+                parts[name] = parts.get(name, 0.0) + share_of_core
+        rest = ", ".join(f"{name} {100 * u:.1f}%" for name, u in sorted(parts.items(), key=lambda kv: -kv[1]) if u > 0.002)
+        print(f"  adapt worker {pid}: {100 * share[pid]:.1f}% in all; its busiest thread {100 * used[busiest][0]:.1f}% "
+              f"(the one running the actor's calls); the others: {rest or 'none above 0.2%'}")
     if len(rows_before) and len(rows_after) > len(rows_before):
         (w0, s0), (w1, s1) = rows_before[-1], rows_after[-1]
         print(f"  tasks/s over the window: {(s1 - s0) * meta_batch(args) / (w1 - w0):.1f}")

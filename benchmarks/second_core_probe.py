@@ -15,7 +15,9 @@ Linux (sched_setaffinity).
 `--neighbour trainer`: the other core runs a second local trainer (its own process, one thread,
 the same config) instead of the spinner. Then the two trainers' tasks/s together against the lone
 one's is what two perfectly independent workers could make on this machine: the ceiling for an
-engine with two adapt workers, before anything of Ray or the parameter server.
+engine with two adapt workers, before anything of Ray or the parameter server. The neighbour's
+tasks are counted per meta-step, so one round's figure for it is good to about one meta-step
+over the window (a pair above 2.0 is that); the median over rounds is the figure to read.
 """
 from __future__ import annotations
 
@@ -91,7 +93,10 @@ def main() -> None:
                                   daemon=True)
         neighbour.start()
         pid = neighbour.pid
-        time.sleep(8.0)  # its imports and first steps, while this one waits
+        while neighbour_tasks.value < 3 * cfg.meta_batch_size:  # its imports and first steps, while this one waits
+            if not neighbour.is_alive():
+                sys.exit("second_core_probe: the neighbouring trainer ended before its first steps")
+            time.sleep(0.2)
     else:
         neighbour = subprocess.Popen([sys.executable, "-c", SPIN % other_core])
         pid = neighbour.pid
