@@ -7,7 +7,7 @@ adapt workers' threads, from /proc over a window of a running job.
 It starts `reptile-dist train` itself (a local Ray cluster, one torch thread per worker, no periodic
 evaluation and the before-training one on a single task, no checkpoints until the end, a metric row every 10 meta-steps) in a
 temporary run directory, waits `--warmup` seconds, reads utime + stime of every process on the
-machine and of each thread of the job's processes, again after `--seconds`, prints the shares
+machine and of each thread of the adapt workers, again after `--seconds`, prints the shares
 (100% = one core busy for the whole window) and the tasks/s the run logged meanwhile, and stops
 the job with SIGTERM. Everything else on the machine shows up too (run it alone). Linux only.
 """
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
+WORKER_TITLE = "ray::AdaptWorker"  # an adapt worker's process title (ray::Class[.method])
 
 
 def _stat(path: str) -> tuple[str, int] | None:
@@ -46,13 +47,15 @@ def _cmdline(pid: str) -> str:
 
 
 def snapshot() -> tuple[dict, dict]:
-    """Ticks per process and per thread (pid, tid) of every process on the machine."""
+    """Ticks per process of every process on the machine, and per thread (pid, tid) of the adapt workers."""
     processes, threads = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         got = _stat(f"/proc/{pid}/stat")
         if got is None:
             continue
         processes[pid] = (_cmdline(pid) or got[0], got[1])
+        if not processes[pid][0].startswith(WORKER_TITLE):
+            continue
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
@@ -114,10 +117,13 @@ def main() -> None:
         log = open(Path(tmp) / "job.log", "w+")
         job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
         try:
-            time.sleep(args.warmup)
-            if job.poll() is not None:
+            try:  # a job that cannot start (a bad --set) ends here at once, not after the warm-up
+                job.wait(timeout=args.warmup)
                 log.seek(0)
-                sys.exit(f"cpu_accounting: the job ended early:\n{log.read()}")
+                print(f"cpu_accounting: the job ended before the window:\n{log.read().strip()}", file=sys.stderr)
+                sys.exit(job.returncode or 1)  # its own status: 2 for bad input
+            except subprocess.TimeoutExpired:
+                pass
             rows_before, t0 = tasks_logged(run), time.perf_counter()
             before, before_threads = snapshot()
             time.sleep(args.seconds)
@@ -143,7 +149,7 @@ def main() -> None:
         each = f" ({', '.join(f'{100 * u:.1f}%' for u in sorted(used, reverse=True))})" if len(used) > 1 else ""
         print(f"  {100 * sum(used):6.1f}%  {name}{each}")
     print(f"  {100 * sum(u for u in share.values() if u > 0.002):6.1f}%  in all")
-    workers = [pid for pid in after if after[pid][0].startswith("ray::AdaptWorker")]
+    workers = [pid for pid in after if after[pid][0].startswith(WORKER_TITLE)]
     for pid in workers:
         used = {tid: ((ticks - before_threads.get((p, tid), ("", 0))[1]) / TICKS / window, name)
                 for (p, tid), (name, ticks) in after_threads.items() if p == pid}
