@@ -224,3 +224,39 @@ def test_glorot_init_draws_tensorflows_layer_defaults():
         bound = (6 / (fan_in + fan_out)) ** 0.5
         assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
         assert 0.9 * bound < w.abs().max() <= bound
+
+
+@pytest.mark.parametrize("optimizer, carried", [("adam", False), ("adam", True), ("sgd", False)])
+def test_the_inner_optimizers_multi_tensor_kernels_adapt_bit_for_bit_as_torchs_cpu_default(monkeypatch, optimizer,
+                                                                                            carried):
+    """inner_optimizer asks for torch's foreach kernels, which torch leaves off on the CPU (a
+    third of Adam's step time on the Omniglot net): a task adapted with them equals, bit for bit,
+    the task adapted one parameter at a time (torch's CPU default), carried estimate included."""
+    import reptile_dist.reptile as reptile
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    learner = Learner(net, "classification", optimizer, 0.01)
+    theta = learner.initial_theta()
+    x, y = torch.randn(12, 1, 8, 8), torch.arange(12) % 3
+    moment = InnerMoment(torch.rand(theta.numel()) * 1e-3, 7.0) if carried else None
+    assert learner._optimizer(moment).defaults["foreach"] is True
+
+    def adapt():
+        return learner.adapt(theta, x, y, 8, 4, False, np.random.default_rng(3), moment=moment)
+
+    multi = adapt()
+
+    def one_at_a_time(name, params, lr):
+        if name == "adam":
+            return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), foreach=False)
+        return torch.optim.SGD(params, lr=lr, foreach=False)
+
+    monkeypatch.setattr(reptile, "inner_optimizer", one_at_a_time)
+    single = adapt()
+    assert learner._optimizer(moment).defaults["foreach"] is False
+    assert not torch.equal(multi.delta, torch.zeros_like(multi.delta))
+    assert torch.equal(multi.delta, single.delta) and multi.loss == single.loss
+    if carried:
+        assert multi.moment.steps == single.moment.steps == 15.0
+        assert torch.equal(multi.moment.sq, single.moment.sq)
