@@ -320,8 +320,12 @@ class Terminated(KeyboardInterrupt):
     command stops as Ctrl-C stops it: what it saved stays, and a run resumes from it."""
 
 
+_sigterm_received = threading.Event()  # set by _terminate: which signal a KeyboardInterrupt came from
+
+
 def _terminate(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    _sigterm_received.set()
     raise Terminated()
 
 
@@ -331,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     is a bug in reptile-dist and is raised with its traceback."""
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    _sigterm_received.clear()  # main() may be called again in-process (tests, notebooks)
     before = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None  # kept past ray.init: engine/cluster.py
     try:
         return COMMANDS[args.command](args)
@@ -343,10 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"reptile-dist: run stopped: {exc}", file=sys.stderr)
         return 1
-    except Terminated:
-        print(f"reptile-dist: terminated (SIGTERM){_kept_on_interrupt(args)}", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        # Terminated may arrive as a plain KeyboardInterrupt: Ray turns any raised inside a blocking
+        # ray.get into one (an all-reduce run waits in one for Ray Train's controller).
+        if isinstance(exc, Terminated) or _sigterm_received.is_set():
+            print(f"reptile-dist: terminated (SIGTERM){_kept_on_interrupt(args)}", file=sys.stderr)
+            return 143
         print(f"reptile-dist: interrupted{_kept_on_interrupt(args)}", file=sys.stderr)
         return 130
     finally:

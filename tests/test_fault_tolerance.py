@@ -93,11 +93,13 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_sync_run(tmp_path):
 
 
 @pytest.mark.slow  # a CLI run that starts its own Ray
-def test_sigterm_stops_a_run_as_ctrl_c_does_with_one_line_and_its_checkpoint_kept(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "allreduce"])
+def test_sigterm_stops_a_run_as_ctrl_c_does_with_one_line_and_its_checkpoint_kept(tmp_path, mode):
     """A scheduler's preemption (Slurm, Kubernetes) or `kill`: not Ray's stack dump of the signal
-    but the interrupt's way out, exit 143, and the run keeps what it saved."""
+    but the interrupt's way out, exit 143, and the run keeps what it saved; in a parameter-server
+    run and in an all-reduce one (Ray Train's own handler takes Ctrl-C, not SIGTERM)."""
     out = tmp_path / "run"
-    args = CLI + ["train", "--config", "sine", "--backend", "ray", "--workers", "1", "--mode", "sync", "--no-progress",
+    args = CLI + ["train", "--config", "sine", "--backend", "ray", "--workers", "1", "--mode", mode, "--no-progress",
                   "--set", "meta_iters=100000", "--set", "checkpoint_every=30", "--set", "eval_every=0",
                   "--set", "eval_tasks=10", "--set", "torch_threads=1", "--out", str(out)]
     run = _signalled_at_first_checkpoint(args, out, signal.SIGTERM)
