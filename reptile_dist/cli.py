@@ -320,12 +320,13 @@ class Terminated(KeyboardInterrupt):
     command stops as Ctrl-C stops it: what it saved stays, and a run resumes from it."""
 
 
-_sigterm_received = threading.Event()  # set by _terminate: which signal a KeyboardInterrupt came from
+_sigterm_received = False  # set by _terminate: which signal a KeyboardInterrupt came from
 
 
 def _terminate(signum, frame) -> None:
+    global _sigterm_received
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
-    _sigterm_received.set()
+    _sigterm_received = True
     raise Terminated()
 
 
@@ -333,10 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command. UserError and an environment OSError: one line, exit 2. A failed run: exit
     1. Ctrl-C: exit 130, SIGTERM: exit 143, both after the command's own clean-up. Anything else
     is a bug in reptile-dist and is raised with its traceback."""
+    global _sigterm_received
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    _sigterm_received.clear()  # main() may be called again in-process (tests, notebooks)
-    before = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None  # kept past ray.init: engine/cluster.py
+    before = None
+    if in_main_thread:
+        _sigterm_received = False  # main() may be called again in-process (tests, notebooks)
+        before = signal.signal(signal.SIGTERM, _terminate)  # kept past ray.init: engine/cluster.py
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         # Terminated may arrive as a plain KeyboardInterrupt: Ray turns any raised inside a blocking
         # ray.get into one (an all-reduce run waits in one for Ray Train's controller).
-        if isinstance(exc, Terminated) or _sigterm_received.is_set():
+        if isinstance(exc, Terminated) or _sigterm_received:
             print(f"reptile-dist: terminated (SIGTERM){_kept_on_interrupt(args)}", file=sys.stderr)
             return 143
         print(f"reptile-dist: interrupted{_kept_on_interrupt(args)}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """A run survives dead workers, a dead parameter server and interruption; bad input ends in one
 line and exit code 2. Real local Ray, real processes."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +67,9 @@ def test_a_killed_parameter_server_is_restored_from_the_last_checkpoint(ray_loca
     assert torch.allclose(_params(out), _params(tmp_path / "local"), atol=1e-6)
 
 
+RAY_ACTOR_LINE = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")  # a Ray actor's forwarded output
+
+
 def _signalled_at_first_checkpoint(args: list[str], out, sig) -> subprocess.Popen:
     """The CLI run `args` (run directory `out`, a checkpoint every 30 steps), sent `sig` once its
     first checkpoint is on disk: early, since on a loaded machine this process may not see the
@@ -107,7 +111,10 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_with_one_line_and_its_checkpoint_kep
     stderr = run.stderr.read()
     lines = [line for line in stderr.splitlines() if line.startswith("reptile-dist:")]
     assert lines == ["reptile-dist: terminated (SIGTERM); the run directory keeps its last checkpoint"], stderr[-2000:]
-    assert "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr[-2000:]
+    # Ray's own actors' output, forwarded with a "(Name pid=N)" prefix, is not the CLI's: Ray Train's
+    # PlacementGroupCleaner prints a traceback when another test's Ray runs on the machine too.
+    ours = "\n".join(line for line in stderr.splitlines() if not RAY_ACTOR_LINE.match(line))
+    assert "SIGTERM received" not in ours and "Traceback" not in ours, stderr[-2000:]
     assert not (out / "final.pt").exists()
     kept = sorted((out / "checkpoints").glob("ckpt-*.pt"))
     assert kept and load_checkpoint(str(kept[-1]))
