@@ -1,7 +1,7 @@
 """The inner optimizer's kernels, side by side: the local trainer's meta-steps with torch's
 multi-tensor (`foreach`) kernels, as `reptile.inner_optimizer` asks for them, against torch's
 CPU default of one parameter at a time, in alternating rounds in this one process (this
-machine's drift between minutes stays out of the ratio), and whether both end at the same theta.
+machine's drift between minutes stays out of the ratio), and whether both end at the same theta (and carried inner estimate).
 
     PYTHONPATH=. python benchmarks/inner_optimizer_probe.py [--config omniglot-5w1s] [--rounds 8] [--steps 30]
 
@@ -18,10 +18,8 @@ import time
 import torch
 
 import reptile_dist.reptile as reptile
-from reptile_dist.config import load_config, parse_overrides
-from reptile_dist.plugins import build_family
+from local_profile import one_thread_trainer  # benchmarks/, this script's folder
 from reptile_dist.reptile import OuterOptimizer, meta_step
-from reptile_dist.training import make_learner
 
 MULTI_TENSOR = reptile.inner_optimizer
 
@@ -43,14 +41,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="meta-steps per kernel per round")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    cfg = load_config(args.config, {"torch_threads": 1, **parse_overrides(args.set)})
-    torch.set_num_threads(1)
-    family = build_family(cfg)
-    learner = make_learner(cfg, family)
+    cfg, family, learner, outer = one_thread_trainer(args.config, args.set)
     tasks = range(cfg.meta_batch_size)
-    outer = OuterOptimizer.for_config(cfg, learner.initial_theta())
-    for step in range(3):  # torch's lazy initialisation outside the rounds
-        meta_step(learner, family, outer, cfg, step, tasks)
+    for step in range(3):  # torch's lazy initialisation outside the rounds, each kernel's too
+        reptile.inner_optimizer = KERNELS["one at a time" if step == 0 else "foreach"]
+        try:
+            meta_step(learner, family, outer, cfg, step, tasks)
+        finally:
+            reptile.inner_optimizer = MULTI_TENSOR
     start_step = 3
     speeds: dict[str, list[float]] = {name: [] for name in KERNELS}
     ratios, same = [], True
@@ -72,7 +70,9 @@ def main() -> None:
                 reptile.inner_optimizer = MULTI_TENSOR
             speeds[name].append(args.steps * cfg.meta_batch_size / seconds)
             ends[name] = run
-        same = same and torch.equal(ends["foreach"].theta, ends["one at a time"].theta)
+        a, b = ends["foreach"], ends["one at a time"]
+        same = same and torch.equal(a.theta, b.theta) and (
+            a.inner_moment is b.inner_moment is None or torch.equal(a.inner_moment.sq, b.inner_moment.sq))
         ratios.append(speeds["foreach"][-1] / speeds["one at a time"][-1])
         print(f"round {r + 1}: foreach {speeds['foreach'][-1]:.1f} tasks/s, one at a time "
               f"{speeds['one at a time'][-1]:.1f}, ratio {ratios[-1]:.3f}")

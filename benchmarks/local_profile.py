@@ -46,17 +46,23 @@ def cumulative(stats: pstats.Stats, suffix: str, name: str) -> float:
     return total
 
 
+def one_thread_trainer(config: str, overrides: list[str]):
+    """(cfg, family, learner, outer optimizer) of the local trainer for `config` with `--set`
+    overrides, in this process at one thread (benchmarks/inner_optimizer_probe.py too)."""
+    cfg = load_config(config, {"torch_threads": 1, **parse_overrides(overrides)})
+    torch.set_num_threads(1)
+    family = build_family(cfg)
+    learner = make_learner(cfg, family)
+    return cfg, family, learner, OuterOptimizer.for_config(cfg, learner.initial_theta())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="omniglot-5w1s")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    cfg = load_config(args.config, {"torch_threads": 1, **parse_overrides(args.set)})
-    torch.set_num_threads(1)
-    family = build_family(cfg)
-    learner = make_learner(cfg, family)
-    outer = OuterOptimizer.for_config(cfg, learner.initial_theta())
+    cfg, family, learner, outer = one_thread_trainer(args.config, args.set)
     tasks = range(cfg.meta_batch_size)
     for step in range(3):  # torch's lazy initialisation outside the profile
         meta_step(learner, family, outer, cfg, step, tasks)
