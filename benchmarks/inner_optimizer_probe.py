@@ -12,6 +12,7 @@ and the median of the rounds' ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -22,16 +23,8 @@ from local_profile import one_thread_trainer  # benchmarks/, this script's folde
 from reptile_dist.reptile import OuterOptimizer, meta_step
 
 MULTI_TENSOR = reptile.inner_optimizer
-
-
-def one_at_a_time(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """torch's CPU default: the for-loop kernels."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), foreach=False)
-    return torch.optim.SGD(params, lr=lr, foreach=False)
-
-
-KERNELS = {"foreach": MULTI_TENSOR, "one at a time": one_at_a_time}
+# torch's CPU default, the for-loop kernels, against the multi-tensor ones inner_optimizer asks for
+KERNELS = {"foreach": MULTI_TENSOR, "one at a time": functools.partial(MULTI_TENSOR, foreach=False)}
 
 
 def main() -> None:

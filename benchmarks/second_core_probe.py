@@ -30,12 +30,8 @@ import subprocess
 import sys
 import time
 
-import torch
-
-from reptile_dist.config import load_config, parse_overrides
-from reptile_dist.plugins import build_family
-from reptile_dist.reptile import OuterOptimizer, meta_step
-from reptile_dist.training import make_learner
+from local_profile import one_thread_trainer  # benchmarks/, this script's folder
+from reptile_dist.reptile import meta_step
 
 SPIN = "import os\nos.sched_setaffinity(0, {%d})\nwhile True:\n    pass\n"
 
@@ -43,11 +39,7 @@ SPIN = "import os\nos.sched_setaffinity(0, {%d})\nwhile True:\n    pass\n"
 def _trainer(config: str, overrides: list[str], core: int):
     """The local trainer pinned to `core` at one thread: its config, learner, family and outer step."""
     os.sched_setaffinity(0, {core})
-    torch.set_num_threads(1)
-    cfg = load_config(config, parse_overrides(overrides))
-    family = build_family(cfg)
-    learner = make_learner(cfg, family)
-    return cfg, family, learner, OuterOptimizer.for_config(cfg, learner.initial_theta())
+    return one_thread_trainer(config, overrides)
 
 
 def _neighbour(config: str, overrides: list[str], core: int, tasks) -> None:

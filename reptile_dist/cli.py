@@ -352,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"reptile-dist: run stopped: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as exc:
-        # Terminated may arrive as a plain KeyboardInterrupt: Ray turns any raised inside a blocking
-        # ray.get into one (an all-reduce run waits in one for Ray Train's controller).
-        if isinstance(exc, Terminated) or _sigterm_received:
+    except KeyboardInterrupt:
+        # The flag, not the exception's class: Ray turns a Terminated raised inside a blocking
+        # ray.get into a plain KeyboardInterrupt (an all-reduce run waits in one for Ray Train's controller).
+        if _sigterm_received:
             print(f"reptile-dist: terminated (SIGTERM){_kept_on_interrupt(args)}", file=sys.stderr)
             return 143
         print(f"reptile-dist: interrupted{_kept_on_interrupt(args)}", file=sys.stderr)

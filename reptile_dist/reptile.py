@@ -48,15 +48,15 @@ def task_loss(kind: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.
     return nn.functional.mse_loss(outputs, targets)
 
 
-def inner_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def inner_optimizer(name: str, params, lr: float, foreach: bool = True) -> torch.optim.Optimizer:
     """The inner loop's optimizer, on torch's multi-tensor (`foreach`) kernels: torch picks them by
-    itself only on GPUs and steps a CPU model one parameter at a time. The same arithmetic bit for
-    bit (tests/test_reptile.py), and faster: about 5% more Omniglot tasks/s side by side (README
-    "The inner optimizer's kernels"). Not `fused`: its CPU kernel rounds differently, and Adam
-    with beta1 = 0 carries a last-bit difference into the run."""
+    itself only on GPUs and steps a CPU model one parameter at a time (`foreach=False`, for the
+    comparisons). The same arithmetic bit for bit (tests/test_reptile.py), and faster: about 5%
+    more Omniglot tasks/s side by side (README "The inner optimizer's kernels"). Not `fused`: its
+    CPU kernel rounds differently, and Adam with beta1 = 0 carries a last-bit difference into the run."""
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), foreach=True)  # beta1 = 0, as in the paper
-    return torch.optim.SGD(params, lr=lr, foreach=True)
+        return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), foreach=foreach)  # beta1 = 0, as in the paper
+    return torch.optim.SGD(params, lr=lr, foreach=foreach)
 
 
 @dataclass
