@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
+import sys
 import time
 
 import torch
 
 from reptile_dist.config import load_config, parse_overrides
+from reptile_dist.errors import UserError
 from reptile_dist.plugins import build_family
 from reptile_dist.reptile import OuterOptimizer, meta_step
 from reptile_dist.training import make_learner
@@ -48,11 +51,16 @@ def cumulative(stats: pstats.Stats, suffix: str, name: str) -> float:
 
 def one_thread_trainer(config: str, overrides: list[str]):
     """(cfg, family, learner, outer optimizer) of the local trainer for `config` with `--set`
-    overrides, in this process at one thread (benchmarks/inner_optimizer_probe.py too)."""
-    cfg = load_config(config, {"torch_threads": 1, **parse_overrides(overrides)})
-    torch.set_num_threads(1)
-    family = build_family(cfg)
-    learner = make_learner(cfg, family)
+    overrides, in this process at one thread (inner_optimizer_probe.py and second_core_probe.py too).
+    A bad config, setting or data file: one line and exit 2, as the CLI gives."""
+    try:
+        cfg = load_config(config, {"torch_threads": 1, **parse_overrides(overrides)})
+        torch.set_num_threads(1)
+        family = build_family(cfg)
+        learner = make_learner(cfg, family)
+    except UserError as exc:
+        print(f"{os.path.basename(sys.argv[0])}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return cfg, family, learner, OuterOptimizer.for_config(cfg, learner.initial_theta())
 
 
