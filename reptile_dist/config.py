@@ -101,8 +101,10 @@ class Config:
     eval_tasks: int = knob(10_000, "held-out tasks in the final evaluation", lo=1)
     eval_inner_steps: int = knob(50, "inner steps when adapting an evaluation task", lo=0)
     eval_batch_size: int = knob(5, "inner mini-batch size when adapting an evaluation task", lo=1)
-    eval_every: int = knob(1000, "meta-steps between periodic evaluations (0: never)", lo=0)
-    eval_tasks_periodic: int = knob(100, "tasks per periodic evaluation", lo=1)
+    eval_every: int = knob(1000, "meta-steps between periodic evaluations (0: none; the "
+                           "before-training evaluation of theta_0 runs either way)", lo=0)
+    eval_tasks_periodic: int = knob(100, "tasks per periodic evaluation, and in the "
+                                   "before-training one", lo=1)
 
     # Logging, checkpoints and devices.
     loggers: list = knob(["tensorboard"], "where rows go besides metrics.parquet: any of tensorboard, mlflow, wandb")
