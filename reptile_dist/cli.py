@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import signal
 import sys
 import threading
+from typing import Callable
 
 from reptile_dist.config import PRESETS, Config, load_config, parse_overrides
 
@@ -321,25 +323,45 @@ class Terminated(KeyboardInterrupt):
 
 
 _sigterm_received = False  # set by _terminate: which signal a KeyboardInterrupt came from
+# After SIGTERM the command has this long for its clean-up, then the process ends anyway, with the
+# same line and exit status. A SIGTERM sent to the whole process group (`timeout`, Slurm's
+# scancel, systemd's stop) also reaches the local cluster's GCS and raylet, which share the
+# driver's group; Ray's own shutdown would then wait 60 s for the GCS and end in its own abort.
+# What a run saved is on disk already (written whole, then renamed). Under the 30 s a scheduler
+# gives by default (Slurm's KillWait, Kubernetes' grace period) before it kills outright.
+TERMINATE_GRACE_S = 20.0
+_terminated_line: Callable[[], str] = lambda: "reptile-dist: terminated (SIGTERM)"  # main() names the run's folder
+_said_terminated = threading.Event()  # the line is out: the watchdog only ends the process
 
 
 def _terminate(signum, frame) -> None:
     global _sigterm_received
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
     _sigterm_received = True
+    watchdog = threading.Timer(TERMINATE_GRACE_S, _end_overdue_cleanup)
+    watchdog.daemon = True
+    watchdog.start()
     raise Terminated()
+
+
+def _end_overdue_cleanup() -> None:
+    if not _said_terminated.is_set():
+        print(_terminated_line(), file=sys.stderr, flush=True)
+    os._exit(143)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command. UserError and an environment OSError: one line, exit 2. A failed run: exit
     1. Ctrl-C: exit 130, SIGTERM: exit 143, both after the command's own clean-up. Anything else
     is a bug in reptile-dist and is raised with its traceback."""
-    global _sigterm_received
+    global _sigterm_received, _terminated_line
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     before = None
     if in_main_thread:
         _sigterm_received = False  # main() may be called again in-process (tests, notebooks)
+        _said_terminated.clear()
+        _terminated_line = lambda: f"reptile-dist: terminated (SIGTERM){_kept_on_interrupt(args)}"  # noqa: E731
         before = signal.signal(signal.SIGTERM, _terminate)  # kept past ray.init: engine/cluster.py
     try:
         return COMMANDS[args.command](args)
@@ -356,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         # The flag, not the exception's class: Ray turns a Terminated raised inside a blocking
         # ray.get into a plain KeyboardInterrupt (an all-reduce run waits in one for Ray Train's controller).
         if _sigterm_received:
-            print(f"reptile-dist: terminated (SIGTERM){_kept_on_interrupt(args)}", file=sys.stderr)
+            print(_terminated_line(), file=sys.stderr, flush=True)
+            _said_terminated.set()
             return 143
         print(f"reptile-dist: interrupted{_kept_on_interrupt(args)}", file=sys.stderr)
         return 130

@@ -102,9 +102,10 @@ def format_status(status: dict[str, Any]) -> str:
             result = _score("loss", test.get("test_loss"), test.get("test_loss_ci95"))
         lines.append(f"  test: {result} over {test.get('eval_tasks')} tasks, wall {_duration(test.get('wall_s'))}")
     elif status["state"] == "stopped":
-        lines.append("  stopped before the end: " + (f"`reptile-dist train --out {status['run']} --resume` continues it "
-                                                     f"from its last checkpoint" if status["checkpoints"] else
-                                                     "no checkpoint yet, so it cannot be resumed"))
+        resume = f"`reptile-dist train --out {status['run']} --resume`"
+        lines.append("  stopped before the end: " + (f"{resume} continues it from its last checkpoint"
+                                                     if status["checkpoints"] else
+                                                     f"no checkpoint yet; {resume} starts it again from meta-step 0"))
     return "\n".join(lines)
 
 

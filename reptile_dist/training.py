@@ -302,8 +302,10 @@ def meta_train(cfg: Config, learner: Learner, family: TaskFamily, outer: OuterOp
 def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], None] = print,
               prepared: Prepared | None = None, device: str | torch.device = "cpu") -> RunSetup:
     """Load data, build theta_0 and the outer optimizer, claim `out`; when resuming, restore the
-    newest readable checkpoint, which must exist and belong to this configuration. The family and
-    network (`prepared`, else built here) are built and checked before the run directory is touched."""
+    newest readable checkpoint, which must belong to this configuration. A run that stopped before
+    its first checkpoint starts again from meta-step 0 (nothing saved is lost); one whose every
+    checkpoint is unreadable is refused, and left as it is. The family and network (`prepared`,
+    else built here) are built and checked before the run directory is touched."""
     prepared = prepared or prepare_run(cfg, device=device)
     plugins, family, learner = prepared.plugins, prepared.family, prepared.learner
     run = RunDir(out)
@@ -313,15 +315,18 @@ def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], 
         start, restored = 0, None
         if resume:
             restored = run.latest_checkpoint(warn=say)
-            if restored is None:
-                found = len(run.checkpoints())
-                raise RunDirError(f"{out} has no readable checkpoint to resume from ({found} found"
-                                  f"{', none readable' if found else ''}); start the run again in another folder")
-            _check_restored(restored, cfg, out)
-            outer.load_state_dict(restored["outer"])
-            start = int(restored["step"])
-            run.truncate_metrics(start)
-            say(f"resuming {out} from meta-step {start}")
+            if restored is not None:
+                _check_restored(restored, cfg, out)
+                outer.load_state_dict(restored["outer"])
+                start = int(restored["step"])
+                run.truncate_metrics(start)
+                say(f"resuming {out} from meta-step {start}")
+            elif run.checkpoints():
+                raise RunDirError(f"{out} has no readable checkpoint to resume from ({len(run.checkpoints())} found, "
+                                  f"none readable); start the run again in another folder")
+            else:  # stopped before its first checkpoint: every row it logged is redone
+                run.truncate_metrics(-1)
+                say(f"{out} stopped before its first checkpoint; starting it again from meta-step 0")
     except BaseException:
         run.release()
         raise

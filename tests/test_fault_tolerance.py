@@ -70,13 +70,18 @@ def test_a_killed_parameter_server_is_restored_from_the_last_checkpoint(ray_loca
 RAY_ACTOR_LINE = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")  # a Ray actor's forwarded output
 
 
-def _signalled_at_first_checkpoint(args: list[str], out, sig) -> subprocess.Popen:
+def _signalled_at_first_checkpoint(args: list[str], out, sig, group: bool = False) -> subprocess.Popen:
     """The CLI run `args` (run directory `out`, a checkpoint every 30 steps), sent `sig` once its
     first checkpoint is on disk: early, since on a loaded machine this process may not see the
-    checkpoint for a second or more, and the signal must still reach the run before it ends."""
-    run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint for a second or more, and the signal must still reach the run before it ends.
+    `group`: the run starts its own process group, and the signal goes to all of it (as `timeout`,
+    Slurm's scancel and systemd send theirs), Ray's daemons included."""
+    run = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group)
     _wait_for(out / "checkpoints" / "ckpt-00000030.pt", timeout=240)
-    run.send_signal(sig)
+    if group:
+        os.killpg(run.pid, sig)
+    else:
+        run.send_signal(sig)
     return run
 
 
@@ -97,16 +102,19 @@ def test_resume_after_an_interrupt_equals_the_uninterrupted_sync_run(tmp_path):
 
 
 @pytest.mark.slow  # a CLI run that starts its own Ray
-@pytest.mark.parametrize("mode", ["sync", "allreduce"])
-def test_sigterm_stops_a_run_as_ctrl_c_does_with_one_line_and_its_checkpoint_kept(tmp_path, mode):
+@pytest.mark.parametrize("mode, group", [("sync", False), ("allreduce", False), ("sync", True)],
+                         ids=["sync", "allreduce", "sync, its whole process group"])
+def test_sigterm_stops_a_run_as_ctrl_c_does_with_one_line_and_its_checkpoint_kept(tmp_path, mode, group):
     """A scheduler's preemption (Slurm, Kubernetes) or `kill`: not Ray's stack dump of the signal
     but the interrupt's way out, exit 143, and the run keeps what it saved; in a parameter-server
-    run and in an all-reduce one (Ray Train's own handler takes Ctrl-C, not SIGTERM)."""
+    run and in an all-reduce one (Ray Train's own handler takes Ctrl-C, not SIGTERM). Sent to the
+    whole process group, it also stops the local cluster's GCS and raylet under the run, whose
+    shutdown would then wait a minute for them and end in Ray's abort: cli.TERMINATE_GRACE_S."""
     out = tmp_path / "run"
     args = CLI + ["train", "--config", "sine", "--backend", "ray", "--workers", "1", "--mode", mode, "--no-progress",
                   "--set", "meta_iters=100000", "--set", "checkpoint_every=30", "--set", "eval_every=0",
                   "--set", "eval_tasks=10", "--set", "torch_threads=1", "--out", str(out)]
-    run = _signalled_at_first_checkpoint(args, out, signal.SIGTERM)
+    run = _signalled_at_first_checkpoint(args, out, signal.SIGTERM, group)
     assert run.wait(timeout=120) == 143
     stderr = run.stderr.read()
     lines = [line for line in stderr.splitlines() if line.startswith("reptile-dist:")]

@@ -70,7 +70,7 @@ def _same_rows(table, streamed):
     return [norm(r) for r in table] == [norm(r) for r in streamed]
 
 
-def test_rows_survive_a_sigkill_before_the_first_checkpoint_and_status_and_plot_read_them(tmp_path):
+def test_rows_survive_a_sigkill_before_the_first_checkpoint_and_status_and_plot_read_them(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--config", "sine", "--out", str(out), "--no-progress"] + [
         a for kv in ("meta_iters=100000", "log_every=1", "checkpoint_every=0", "eval_every=0", "eval_tasks_periodic=2",
@@ -95,7 +95,9 @@ def test_rows_survive_a_sigkill_before_the_first_checkpoint_and_status_and_plot_
     steps = [r["step"] for r in RunDir(str(out)).read_metrics()]
     assert len(steps) >= 5 and steps == list(range(1, len(steps) + 1))
 
+    capsys.readouterr()
     assert main(["status", str(out)]) == 0
+    assert "no checkpoint yet; `reptile-dist train --out" in capsys.readouterr().out  # and how to start it again
     assert main(["status", str(out), "--json"]) == 0
     png = tmp_path / "curves.png"
     assert main(["plot", str(out), "--out", str(png), "--x", "wall"]) == 0

@@ -179,8 +179,26 @@ def test_a_second_training_into_the_same_folder_is_refused(tmp_path):
     with pytest.raises(RunDirError, match="in use by another training"):
         train_local(cfg, str(out), resume=True, **quiet)
     holder.release()
-    with pytest.raises(RunDirError, match="no readable checkpoint"):  # free now: the next check speaks
-        train_local(cfg, str(out), resume=True, **quiet)
+    said = []  # free now: the claimed folder holds a run with no checkpoint yet, started again
+    assert train_local(cfg, str(out), resume=True, progress=False, say=said.append)["meta_iters"] == 2
+    assert f"{out} stopped before its first checkpoint; starting it again from meta-step 0" in said
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_on_resume(finished, tmp_path):
+    """Nothing saved to lose: the resume starts from meta-step 0 in the same folder, drops the rows
+    the stopped run logged, and ends where an uninterrupted run does."""
+    out = _interrupted(finished, tmp_path)
+    (out / "checkpoints" / "ckpt-00000002.pt").unlink()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all("step" in row for row in logged)  # rows it logged before it stopped
+    said = []
+    summary = train_local(RunDir(str(out)).recorded_config(), str(out), resume=True, progress=False, say=said.append)
+    assert summary["meta_iters"] == 4 and f"{out} stopped before its first checkpoint; starting it again from meta-step 0" in said
+    a, b = (load_checkpoint(str(run / "final.pt"))["model_state"] for run in (out, finished))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [[row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+             for run in (out, finished)]
+    assert steps[0] == steps[1]  # each row once, as in the uninterrupted run
 
 
 def test_temporaries_left_by_a_crash_are_removed_at_start(finished, tmp_path):
