@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Does async training with fewer, smaller pushes (tasks_per_push: 5, delta_dtype: float32) learn as
-# well as the defaults? Short omniglot-5w1s trainings on the engine, two workers at one thread each,
+# Does async training with fewer pushes of half the bytes (tasks_per_push: 5, delta_dtype: float32)
+# learn as well as the defaults? Short omniglot-5w1s trainings on the engine, two workers at one thread each,
 # the step size annealed to 0 over ITERS meta-steps; each setting once per seed, the order of the
 # settings reversed from one seed to the next so that drift in the machine's speed falls on each;
-# then a table from each run's summary.json (test accuracy on EVAL_TASKS test tasks with its 95%
-# interval, tasks/s, pushes by staleness) and each setting's mean. Run it alone on the machine:
+# then a table from the summary.json of every run in OUT, whatever NAMES and SEEDS say (test
+# accuracy on EVAL_TASKS test tasks with its 95% interval, training tasks/s, pushes by staleness)
+# and each setting's mean over the seeds it has. Run it alone on the machine:
 # async staleness depends on timing. The settings (NAMES):
 #   defaults       async with prefetch, the default tasks_per_push (3 for two workers) and float64
 #   tpp5-float32   the same with tasks_per_push: 5 and delta_dtype: float32
@@ -15,7 +16,8 @@
 #   bash benchmarks/push_settings_quality.sh table                # the table only
 #
 # NAMES ("defaults tpp5-float32"), SEEDS ("0 1 2"), ITERS (3000), EVAL_TASKS (1000), OUT
-# (runs/push-quality), BIN (.venv/bin). A run with a summary.json is not run again.
+# (runs/push-quality), BIN (.venv/bin). A run with a summary.json is not run again; a stopped one is
+# resumed (from meta-step 0 when it stopped before its first checkpoint), its log appended to.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -43,13 +45,14 @@ train_one() {  # name seed
     # shellcheck disable=SC2086  # options holds several words on purpose
     "$BIN/reptile-dist" train --config omniglot-5w1s --backend ray --workers 2 --out "$dir" --no-progress $resume \
         $options --set torch_threads=1 --set seed="$seed" --set meta_iters="$ITERS" --set eval_tasks="$EVAL_TASKS" \
-        --set eval_every=0 --set eval_tasks_periodic=1 --set checkpoint_every=500 > "$dir.log" 2>&1
+        --set eval_every=0 --set eval_tasks_periodic=1 --set checkpoint_every=500 >> "$dir.log" 2>&1
 }
 
 if [ "${1:-}" != table ]; then
     for name in $NAMES; do setting "$name" > /dev/null; done  # an unknown name fails before any run
     mkdir -p "$OUT"
-    read -r -a names <<< "$NAMES"
+    # shellcheck disable=SC2206  # NAMES is a list of words
+    names=($NAMES)
     for seed in $SEEDS; do
         for name in "${names[@]}"; do
             echo "$(date -u +%H:%M:%S) $name seed $seed"
@@ -63,7 +66,13 @@ fi
 import json, statistics, sys
 from pathlib import Path
 
-runs = {path.parent.name: json.loads(path.read_text()) for path in sorted(Path(sys.argv[1]).glob("*/summary.json"))}
+def order(path):  # by setting, then seed as a number
+    setting, _, seed = path.parent.name.rpartition("-seed")
+    return setting, int(seed) if seed.isdigit() else -1
+
+
+runs = {path.parent.name: json.loads(path.read_text())
+        for path in sorted(Path(sys.argv[1]).glob("*/summary.json"), key=order)}
 print("| run | test accuracy (95% interval) | transductive | tasks | tasks/s | wall s | pushes by staleness |")
 print("|---|---|---|---|---|---|---|")
 for name, s in runs.items():
