@@ -66,13 +66,13 @@ fi
 import json, statistics, sys
 from pathlib import Path
 
-def order(path):  # by setting, then seed as a number
-    setting, _, seed = path.parent.name.rpartition("-seed")
+def setting_and_seed(name):  # "tpp5-float32-seed2" -> ("tpp5-float32", 2)
+    setting, _, seed = name.rpartition("-seed")
     return setting, int(seed) if seed.isdigit() else -1
 
 
 runs = {path.parent.name: json.loads(path.read_text())
-        for path in sorted(Path(sys.argv[1]).glob("*/summary.json"), key=order)}
+        for path in sorted(Path(sys.argv[1]).glob("*/summary.json"), key=lambda path: setting_and_seed(path.parent.name))}
 print("| run | test accuracy (95% interval) | transductive | tasks | tasks/s | wall s | pushes by staleness |")
 print("|---|---|---|---|---|---|---|")
 for name, s in runs.items():
@@ -80,9 +80,8 @@ for name, s in runs.items():
     print(f"| {name} | {100 * s['test_accuracy']:.2f}% ± {100 * s['test_ci95']:.2f} | "
           f"{100 * s['test_transductive_accuracy']:.2f}% ± {100 * s['test_transductive_ci95']:.2f} | {s['eval_tasks']} | "
           f"{s['tasks_per_s']:.1f} | {s['wall_s']:.0f} | {spread or '-'} |")
-settings = sorted({name.rsplit("-seed", 1)[0] for name in runs})
-for setting in settings:
-    mine = [s for name, s in runs.items() if name.rsplit("-seed", 1)[0] == setting]
+for setting in sorted({setting_and_seed(name)[0] for name in runs}):
+    mine = [s for name, s in runs.items() if setting_and_seed(name)[0] == setting]
     print(f"{setting}: mean over {len(mine)} seeds {100 * statistics.mean(s['test_accuracy'] for s in mine):.2f}% "
           f"(transductive {100 * statistics.mean(s['test_transductive_accuracy'] for s in mine):.2f}%), "
           f"{statistics.mean(s['tasks_per_s'] for s in mine):.1f} tasks/s")

@@ -321,9 +321,9 @@ def setup_run(cfg: Config, out: str, resume: bool = False, say: Callable[[str], 
                 start = int(restored["step"])
                 run.truncate_metrics(start)
                 say(f"resuming {out} from meta-step {start}")
-            elif run.checkpoints():
-                raise RunDirError(f"{out} has no readable checkpoint to resume from ({len(run.checkpoints())} found, "
-                                  f"none readable); start the run again in another folder")
+            elif found := len(run.checkpoints()):
+                raise RunDirError(f"{out} has no readable checkpoint to resume from ({found} found, none readable); "
+                                  f"start the run again in another folder")
             else:  # stopped before its first checkpoint: every row it logged is redone
                 run.truncate_metrics(-1)
                 say(f"{out} stopped before its first checkpoint; starting it again from meta-step 0")
