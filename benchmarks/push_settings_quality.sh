@@ -1,38 +1,39 @@
 #!/usr/bin/env bash
-# Does async training with fewer pushes of half the bytes (tasks_per_push: 5, delta_dtype: float32)
-# learn as well as the defaults? Short omniglot-5w1s trainings on the engine, two workers at one thread each,
+# Does async training with fewer pushes of half the bytes (tasks_per_push: 5, delta_dtype: float32,
+# the async defaults for two workers since 2026-12-03) learn as well as the earlier defaults (3, float64)? Short omniglot-5w1s trainings on the engine, two workers at one thread each,
 # the step size annealed to 0 over ITERS meta-steps; each setting once per seed, the order of the
 # settings reversed from one seed to the next so that drift in the machine's speed falls on each;
 # then a table from the summary.json of every run in OUT, whatever NAMES and SEEDS say (test
 # accuracy on EVAL_TASKS test tasks with its 95% interval, training tasks/s, pushes by staleness)
 # and each setting's mean over the seeds it has. Run it alone on the machine:
 # async staleness depends on timing. The settings (NAMES):
-#   defaults       async with prefetch, the default tasks_per_push (3 for two workers) and float64
-#   tpp5-float32   the same with tasks_per_push: 5 and delta_dtype: float32
+#   tpp3-float64   async with prefetch, tasks_per_push: 3 and delta_dtype: float64 (the defaults for
+#                  two workers before 2026-12-03; the runs of that date named "defaults" ran them)
+#   tpp5-float32   the same with tasks_per_push: 5 and delta_dtype: float32 (what the defaults are now)
 #   sync           sync mode: the synchronous update, the local trainer's bit for bit
 #
 #   bash benchmarks/push_settings_quality.sh                      # train what is missing, then the table
 #   NAMES=sync SEEDS="0 1" bash benchmarks/push_settings_quality.sh
 #   bash benchmarks/push_settings_quality.sh table                # the table only
 #
-# NAMES ("defaults tpp5-float32"), SEEDS ("0 1 2"), ITERS (3000), EVAL_TASKS (1000), OUT
+# NAMES ("tpp3-float64 tpp5-float32"), SEEDS ("0 1 2"), ITERS (3000), EVAL_TASKS (1000), OUT
 # (runs/push-quality), BIN (.venv/bin). A run with a summary.json is not run again; a stopped one is
 # resumed (from meta-step 0 when it stopped before its first checkpoint), its log appended to.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/push-quality}
-NAMES=${NAMES:-defaults tpp5-float32}
+NAMES=${NAMES:-tpp3-float64 tpp5-float32}
 SEEDS=${SEEDS:-0 1 2}
 ITERS=${ITERS:-3000}
 EVAL_TASKS=${EVAL_TASKS:-1000}
 
 setting() {  # name -> its train options
     case $1 in
-    defaults) echo "--mode async --set prefetch=true" ;;
+    tpp3-float64) echo "--mode async --set prefetch=true --set tasks_per_push=3 --set delta_dtype=float64" ;;
     tpp5-float32) echo "--mode async --set prefetch=true --set tasks_per_push=5 --set delta_dtype=float32" ;;
     sync) echo "--mode sync" ;;
-    *) echo "NAMES: unknown setting '$1' (known: defaults tpp5-float32 sync)" >&2; return 2 ;;
+    *) echo "NAMES: unknown setting '$1' (known: tpp3-float64 tpp5-float32 sync)" >&2; return 2 ;;
     esac
 }
 

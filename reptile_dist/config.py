@@ -134,12 +134,16 @@ class Config:
     on_worker_loss: str = knob("wait", "sync: when a worker dies mid-step, wait for its replacement to adapt its share, "
                                "or skip (complete the step with the deltas that arrived)", choices=("wait", "skip"))
     max_rejected_updates: int = knob(20, "stop the run after this many updates in a row with every delta rejected", lo=1)
-    delta_dtype: str = knob("float64", "precision of deltas on the wire; float64 keeps sync runs bit-equal to local ones",
-                            choices=("float64", "float32", "bfloat16", "float16"))
+    delta_dtype: str = knob("auto", "precision of deltas on the wire; auto: float64 where a run is reproducible bit "
+                            "for bit (sync, all-reduce, async with one worker: the local trainer's run), float32 "
+                            "for async with several workers (their pushes land in an order that differs from run "
+                            "to run anyway; half the bytes)",
+                            choices=("auto", "float64", "float32", "bfloat16", "float16"))
     torch_threads: int = knob(0, "torch threads per process; 0: automatic (in-process: 1, a Ray worker: "
                                  "its CPU share rounded up)", lo=0)
-    tasks_per_push: int = knob(0, "async: tasks a worker adapts and sums into one push (fewer, larger pushes "
-                                  "relieve the parameter server); 0: ceil(meta_batch_size / workers)", lo=0)
+    tasks_per_push: int = knob(0, "async: tasks a worker adapts and sums into one push, applied with the step size "
+                                  "x tasks / meta_batch_size; 0: meta_batch_size (each push a meta-step of the "
+                                  "worker's own; fewer pushes relieve the parameter server)", lo=0)
     prefetch: bool = knob(False, "async: adapt the next tasks while the push is on its way, from the theta at hand "
                                  "with the worker's own push applied as the PS will apply it (needs outer_optimizer "
                                  "sgd); hides Ray's round trip with several workers, at one more adaptation of "
@@ -184,6 +188,18 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def wire_dtype(self) -> str:
+        """The precision pushes travel in: `delta_dtype`, with "auto" resolved."""
+        if self.delta_dtype != "auto":
+            return self.delta_dtype
+        return "float32" if self.mode == "async" and self.workers > 1 else "float64"
+
+    @property
+    def async_tasks_per_push(self) -> int:
+        """Tasks an async worker sums into one push: `tasks_per_push`, 0 resolved."""
+        return self.tasks_per_push or self.meta_batch_size
 
     @property
     def carries_inner_moment(self) -> bool:

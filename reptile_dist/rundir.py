@@ -48,10 +48,11 @@ LOCK_FILE = ".lock"
 METRICS_STREAM = "metrics.jsonl"
 MERGE_KEY = "_merge"  # a streamed line that adds its values to the row of its step (RunDir.annotate)
 REMOTE_STREAM_S = 30.0  # an object store's metrics.jsonl is rewritten at most this often between checkpoints
-# Keys that may differ between two invocations of the same run (resuming with another engine).
+# Keys that may differ between two invocations of the same run (resuming with another engine, or
+# with another way of moving deltas: delta_dtype and tasks_per_push, whose defaults changed once).
 RUN_INVARIANT_IGNORES = ("backend", "mode", "workers", "cpus_per_worker", "gpus_per_worker", "placement",
-                         "torch_threads", "eval_tasks", "log_every", "checkpoint_every", "keep_checkpoints",
-                         "loggers", "device", "address")
+                         "delta_dtype", "tasks_per_push", "torch_threads", "eval_tasks", "log_every",
+                         "checkpoint_every", "keep_checkpoints", "loggers", "device", "address")
 
 
 class RunDirError(UserError):

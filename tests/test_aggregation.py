@@ -139,7 +139,7 @@ def test_async_nesterov_restored_from_a_checkpoint_continues_exactly_with_its_mo
 def test_sync_shares_cover_the_meta_batch_once_and_async_shares_follow_tasks_per_push():
     sync = ray_cfg(workers=3, meta_batch_size=5)
     assert sorted(i for w in range(3) for i in worker_share(sync, w)) == list(range(5))
-    assert worker_share(ray_cfg(mode="async", workers=2, meta_batch_size=5), 1) == [3, 4, 5]  # ceil(5/2) each
+    assert worker_share(ray_cfg(mode="async", workers=2, meta_batch_size=5), 1) == [5, 6, 7, 8, 9]  # a meta-batch each
     assert worker_share(ray_cfg(mode="async", workers=2, meta_batch_size=5, tasks_per_push=4), 1) == [4, 5, 6, 7]
 
 
@@ -148,7 +148,7 @@ def test_async_shares_of_a_version_adapted_again_are_new_tasks():
     worker pushed meanwhile). Each repeat draws tasks no worker drew from that version yet."""
     cfg = ray_cfg(mode="async", workers=3, meta_batch_size=5)
     seen = [i for repeat in range(3) for w in range(3) for i in worker_share(cfg, w, repeat)]
-    assert len(seen) == len(set(seen)) == 3 * 3 * 2
+    assert len(seen) == len(set(seen)) == 3 * 3 * cfg.async_tasks_per_push == 45
 
 
 # --- the wire ---------------------------------------------------------------------------------

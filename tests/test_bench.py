@@ -10,7 +10,7 @@ import torch
 
 from reptile_dist.bench import allreduce, model, runner
 from reptile_dist.bench.suite import BenchPlan, run_bench
-from reptile_dist.config import ConfigError, Config
+from reptile_dist.config import ConfigError, Config, load_config
 
 
 @pytest.mark.slow  # 4 engine runs, local baselines and a capacity sweep (the PS and a bare actor)
@@ -52,6 +52,12 @@ def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_lo
     assert all(r["paired_local_before"] > 0 and r["paired_local_after"] > 0 for r in rows)
     assert all(r["paired_local_tasks_per_s"] == (r["paired_local_before"] + r["paired_local_after"]) / 2 for r in rows)
     assert rows[0]["local_tasks_per_s"] > 0 and rows[0]["local_batched_tasks_per_s"] > 0
+    # the wire each row ran on: float64 and a sync share where a run is the local trainer's, float32
+    # and a meta-batch per push for two async workers (delta_dtype auto, tasks_per_push 0)
+    batch = load_config("sine").meta_batch_size
+    wire = {(r["mode"], r["workers"]): (r["delta_dtype"], r["tasks_per_push"]) for r in rows}
+    assert wire == {("sync", 1): ("float64", batch), ("sync", 2): ("float64", -(-batch // 2)),
+                    ("async-prefetch", 1): ("float64", batch), ("async-prefetch", 2): ("float32", batch)}
 
     capacity = pq.read_table(tmp_path / "capacity.parquet").to_pylist()
     assert len(capacity) == 1 and capacity[0]["pushes_per_s"] > 0 and capacity[0]["bare_actor_pushes_per_s"] > 0
@@ -62,7 +68,8 @@ def test_a_tiny_bench_writes_its_table_and_plots_with_every_column_filled(ray_lo
     for name in ("scaling.png", "capacity.png"):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (tmp_path / "bench.md").read_text()
-    assert "| sync | 2 |" in text and "![scaling](scaling.png)" in text
+    assert "| sync | 2 | float64 |" in text and "| async-prefetch | 2 | float32 |" in text
+    assert "![scaling](scaling.png)" in text
 
 
 
@@ -142,11 +149,13 @@ def test_allreduce_rows_have_the_parameter_server_rows_columns():
 
 def test_the_scaling_model_finds_the_largest_worker_count_a_server_absorbs():
     # 50 tasks/s per worker, meta-batch 5, a PS taking 300 deltas/s.
-    assert model.push_demand(50, 2, "async", 5) == pytest.approx(2 * 50 / 3)  # ceil(5/2) = 3 tasks per push
-    assert model.max_workers(300, 50, "async", 5) == 6  # from W=5 on, one task per push: 50 W <= 300
-    assert model.max_workers(300, 50, "async", 5, configured=5) == 30  # pre-summing 5 tasks per push
+    assert model.push_demand(50, 2, "async", 5) == pytest.approx(2 * 50 / 5)  # a meta-batch of 5 tasks per push
+    assert model.push_demand(50, 2, "sync", 5) == pytest.approx(2 * 50 / 3)  # the busiest worker: 3 of 5 tasks
+    assert model.max_workers(300, 50, "async", 5) == 30  # 50 W / 5 <= 300
+    assert model.max_workers(300, 50, "async", 5, configured=1) == 6  # one task per push: 50 W <= 300
     assert model.max_workers(300, 50, "sync", 5) == 5  # sync never uses more than a meta-batch of workers
-    assert model.max_workers(30, 50, "async", 5) == 1
+    assert model.max_workers(30, 50, "async", 5) == 3
+    assert model.max_workers(30, 50, "async", 5, configured=1) == 0  # not even one worker's 50 pushes/s
     assert model.capacity_at(300_000, [100_000, 1_000_000], [400.0, 40.0]) == pytest.approx(400 * 10 ** -math.log10(3))
 
 

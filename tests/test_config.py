@@ -119,3 +119,19 @@ def test_a_folder_given_as_config_is_a_config_error_naming_it(tmp_path):
 def test_a_set_value_that_is_not_yaml_is_a_config_error_naming_the_field():
     with pytest.raises(ConfigError, match="inner_lr="):
         load_config("sine", parse_overrides(["inner_lr=[0.1"]))
+
+
+def test_the_wire_precision_is_float64_where_a_run_is_reproducible_and_float32_for_async_with_several_workers():
+    ray = Config().replace(backend="ray")
+    assert Config().delta_dtype == "auto" and Config().wire_dtype == "float64"
+    for mode in ("sync", "allreduce"):
+        assert ray.replace(mode=mode, workers=4).wire_dtype == "float64"  # bit-equal to the local trainer
+    assert ray.replace(mode="async", workers=1).wire_dtype == "float64"  # one async worker is sync
+    assert ray.replace(mode="async", workers=2).wire_dtype == "float32"
+    assert ray.replace(mode="async", workers=2, delta_dtype="float64").wire_dtype == "float64"  # asked for
+    assert ray.replace(mode="sync", delta_dtype="bfloat16").wire_dtype == "bfloat16"
+
+
+def test_an_async_push_holds_a_meta_batch_unless_tasks_per_push_says_otherwise():
+    cfg = Config().replace(backend="ray", mode="async", workers=3, meta_batch_size=5)
+    assert cfg.async_tasks_per_push == 5 and cfg.replace(tasks_per_push=2).async_tasks_per_push == 2

@@ -91,6 +91,20 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
     assert state["step"] == 2 and "ckpt-00000004" in warnings[0]
 
 
+def test_a_run_recorded_with_float64_deltas_resumes_under_the_auto_default(tmp_path):
+    """Runs written before delta_dtype's default became "auto" recorded float64 (in config.yaml and
+    every checkpoint). The wire precision is how an engine moves deltas, as the worker count is, so
+    resuming such a run with today's defaults is the same run."""
+    cfg = tiny("synthetic", meta_iters=4, checkpoint_every=2)
+    assert cfg.delta_dtype == "auto"
+    out = tmp_path / "run"
+    train_local(cfg.replace(delta_dtype="float64", tasks_per_push=3), str(out), **quiet)
+    (out / "final.pt").unlink()
+    (out / "checkpoints" / "ckpt-00000004.pt").unlink()
+    summary = train_local(cfg, str(out), resume=True, **quiet)
+    assert summary["meta_iters"] == 4 and (out / "final.pt").exists()
+
+
 def test_a_run_written_with_the_retired_straggler_keys_still_resumes(tmp_path):
     import yaml
 

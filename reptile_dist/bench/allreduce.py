@@ -41,7 +41,7 @@ def measure_allreduce(cfg: Config, seconds: float, warmup: float, straggler: Str
                                hooks=TimedWindow(warmup + seconds, straggler))
         done = trainer.fit().return_value
     row = window_figures(done["hooks"], warmup, seconds, cfg.workers, cfg.meta_batch_size, s.outer.theta.numel(),
-                         cfg.carries_inner_moment, cfg.delta_dtype)
+                         cfg.carries_inner_moment, cfg.wire_dtype)
     row.update(nodes=len({p["node_id"] for p in done["placements"]}),
                worker_nodes_off_ps=0,  # there is no parameter server to be off
                load_1m=max(load_before, load_1m()))

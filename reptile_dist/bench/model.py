@@ -4,7 +4,7 @@ Every push costs the PS a fixed amount of work (decode, float64 sum, apply, one 
 copy of theta for the next pull), so a PS absorbs at most C pushes/s, C measured against model
 size and wire precision (ps_capacity.py). W workers, each adapting r tasks/s, ask for
 
-    async:  W * r / k  pushes/s,  k = tasks per push (tasks_per_push, default ceil(B / W))
+    async:  W * r / k  pushes/s,  k = tasks per push (tasks_per_push, default B)
     sync:   min(W, B) pushes per meta-step, at r / ceil(B / W) meta-steps/s (the busiest worker)
 
 with B = meta_batch_size. The largest W whose demand stays within C is the limit; beyond it,
@@ -18,9 +18,10 @@ import math
 import numpy as np
 
 def tasks_per_push(mode: str, workers: int, meta_batch_size: int, configured: int = 0) -> int:
-    """Tasks the busiest worker sums into one push (adapt_worker.worker_share)."""
-    if mode == "async" and configured:
-        return configured
+    """Tasks the busiest worker sums into one push (adapt_worker.worker_share): async, `configured`
+    or else the meta-batch (Config.async_tasks_per_push); sync, its share of the meta-step."""
+    if mode == "async":
+        return configured or meta_batch_size
     return math.ceil(meta_batch_size / workers)
 
 
@@ -35,12 +36,8 @@ def push_demand(worker_tasks_per_s: float, workers: int, mode: str, meta_batch_s
 def max_workers(capacity: float, worker_tasks_per_s: float, mode: str, meta_batch_size: int, configured: int = 0) -> int:
     """The largest worker count whose push demand one PS absorbs (sync: at most meta_batch_size).
     Demand grows with the worker count in both modes."""
-    if mode == "async":
-        # From meta_batch_size workers on (or with tasks_per_push set), k is fixed: W * r / k <= C.
-        k = configured or 1
-        far = math.floor(capacity * k / worker_tasks_per_s)
-        if configured or far >= meta_batch_size:
-            return far
+    if mode == "async":  # k does not depend on W: W * r / k <= C
+        return math.floor(capacity * tasks_per_push(mode, 1, meta_batch_size, configured) / worker_tasks_per_s)
     best = 0
     for w in range(1, meta_batch_size + 1):
         if push_demand(worker_tasks_per_s, w, mode, meta_batch_size, configured) > capacity:

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ENGINE_COLUMNS = [
-    ("mode", "mode"), ("workers", "W"), ("straggler", "straggler"), ("tasks_per_s", "tasks/s"),
+    ("mode", "mode"), ("workers", "W"), ("delta_dtype", "delta on the wire"), ("tasks_per_push", "tasks per push"),
+    ("straggler", "straggler"), ("tasks_per_s", "tasks/s"),
     ("meta_steps_per_s", "meta-steps/s"), ("efficiency_vs_w1", "eff. vs W=1"),
     ("paired_local_tasks_per_s", "local tasks/s (paired)"),
     ("paired_local_before", "before"), ("paired_local_after", "after"), ("efficiency_vs_local", "eff. vs local"),
@@ -39,7 +40,7 @@ MODEL_COLUMNS = [
     ("preset", "preset"), ("params", "params"), ("inner_state", "inner state"), ("worker_tasks_per_s", "worker tasks/s"),
     ("delta_dtype", "delta"),
     ("capacity_pushes_per_s", "PS deltas/s"), ("sync_max_workers", "sync: max W"),
-    ("async_max_workers", "async: max W"), ("async_presum_max_workers", "async, tasks_per_push=B: max W"),
+    ("async_max_workers", "async: max W"), ("async_per_task_max_workers", "async, tasks_per_push=1: max W"),
 ]
 
 
@@ -72,8 +73,8 @@ def _cell(value: Any) -> str:
 def engine_section(rows: list[dict[str, Any]]) -> str:
     first = rows[0]
     lines = [
-        f"Config `{first['config']}` ({first['params']:,} parameters, meta-batch {first['meta_batch_size']}, "
-        f"deltas as {first['delta_dtype']}), {first['window_s']:.0f} s measured per row after a warm-up, "
+        f"Config `{first['config']}` ({first['params']:,} parameters, meta-batch {first['meta_batch_size']}), "
+        f"{first['window_s']:.0f} s measured per row after a warm-up, "
         f"cluster `{first['address']}`, {first['cpu_count']} cores.",
         f"Local single-process trainer (same threads as one worker): {first['local_tasks_per_s']:.1f} tasks/s "
         f"(per-task loop), {first['local_batched_tasks_per_s']:.1f} tasks/s (batched, vmap). Before and after every row the "

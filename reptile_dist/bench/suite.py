@@ -157,10 +157,10 @@ def describe(plan: BenchPlan, cfg: Config, params: int, local: float, batched: f
              straggler_factor: float = 1.0) -> dict[str, Any]:
     return {
         "config": plan.config, "family": cfg.family, "params": params, "meta_batch_size": cfg.meta_batch_size,
-        "delta_dtype": cfg.delta_dtype, "mode": cfg.mode, "workers": cfg.workers,
+        "delta_dtype": cfg.wire_dtype, "mode": cfg.mode, "workers": cfg.workers,
         "straggler_factor": straggler_factor, "straggler_worker": STRAGGLER_WORKER,
         "straggler": f"worker {STRAGGLER_WORKER} x{straggler_factor:g}" if straggler_factor > 1 else "none",
-        "tasks_per_push": cfg.tasks_per_push, "batched_adaptation": cfg.batched_adaptation,
+        "tasks_per_push": model.tasks_per_push(cfg.mode, cfg.workers, cfg.meta_batch_size, cfg.tasks_per_push), "batched_adaptation": cfg.batched_adaptation,
         "address": plan.cluster, "cpu_count": os.cpu_count() or 0, "warmup_s": plan.warmup,
         "local_tasks_per_s": local, "local_batched_tasks_per_s": batched,
     }
@@ -208,7 +208,7 @@ def scaling_model(plan: BenchPlan, capacity_rows: list[dict[str, Any]], rates: d
                 "delta_dtype": dtype, "capacity_pushes_per_s": capacity,
                 "sync_max_workers": model.max_workers(capacity, rate, "sync", batch),
                 "async_max_workers": model.max_workers(capacity, rate, "async", batch),
-                "async_presum_max_workers": model.max_workers(capacity, rate, "async", batch, configured=batch),
+                "async_per_task_max_workers": model.max_workers(capacity, rate, "async", batch, configured=1),
             })
     return rows
 

@@ -31,13 +31,13 @@ def worker_share(cfg: Config, index: int, repeat: int = 0) -> list[int]:
     """Task indices worker `index` adapts for each version it pulls.
 
     sync: task i of the meta-step goes to worker i mod W, so the meta-batch is the local
-    trainer's whichever workers take it. async: `tasks_per_push` (default ceil(meta_batch_size
-    / W)) tasks of its own per push, indexed by worker, so two workers starting from one version
+    trainer's whichever workers take it. async: `tasks_per_push` (default meta_batch_size)
+    tasks of its own per push, indexed by worker, so two workers starting from one version
     draw different tasks; `repeat`: how many pushes this worker already made from that version
     (with `prefetch` it adapts the next tasks before the new version comes back), so those
     draw different tasks too."""
     if cfg.mode == "async":
-        per_push = cfg.tasks_per_push or math.ceil(cfg.meta_batch_size / cfg.workers)
+        per_push = cfg.async_tasks_per_push
         first = (repeat * cfg.workers + index) * per_push
         return list(range(first, first + per_push))
     return list(range(index, cfg.meta_batch_size, cfg.workers))
@@ -99,7 +99,7 @@ class AdaptWorker(Workspace):
         self.index = index
         self.hooks = hooks or LoopHooks()  # a benchmark's (a straggler); a run has none
         self.codec = DeltaCodec(self.learner.initial_theta().numel(), self.cfg.carries_inner_moment,
-                                self.cfg.delta_dtype)
+                                self.cfg.wire_dtype)
         self._poison = threading.Event()
         # run() may be called again while an old loop is still finishing (after the PS was
         # restored): the newest loop owns the learner, an older one stops at its next turn.

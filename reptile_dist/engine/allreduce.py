@@ -127,7 +127,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     family = build_family(cfg, plugins)
     learner = make_learner(cfg, family, device, plugins)
     outer = OuterOptimizer.for_config(cfg, learner.initial_theta().cpu())
-    codec = DeltaCodec(outer.theta.numel(), cfg.carries_inner_moment, cfg.delta_dtype)
+    codec = DeltaCodec(outer.theta.numel(), cfg.carries_inner_moment, cfg.wire_dtype)
 
     state: dict[str, Any] = {"outer": config["outer"], "step": config["start_step"]}
     restored_from = None
@@ -204,8 +204,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def all_reduce_sum(part: DeltaSum, codec: DeltaCodec, device: torch.device, stop: bool = False) -> tuple[DeltaSum, bool]:
-    """Sum the ranks' partial DeltaSums in their wire form (engine/wire.py): in float64 (the default
-    delta_dtype) one all_reduce of [vector, counts], so the sum is the local trainer's; in a lower
+    """Sum the ranks' partial DeltaSums in their wire form (engine/wire.py): in float64 (what
+    delta_dtype auto means here) one all_reduce of [vector, counts], so the sum is the local trainer's; in a lower
     precision the vector is summed in it and the counts in a second, float64 all_reduce.
 
     `stop` rides along as a vote: true on any rank comes back true on every rank, so a group that

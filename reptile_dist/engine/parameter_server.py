@@ -50,7 +50,7 @@ class ParameterServer:
         # spin against the workers for the same cores.
         set_torch_threads(self.cfg, cpus=PS_CPUS)
         self.agg = Aggregator(self.cfg, theta, outer_state, version, applied_tasks)
-        self.codec = DeltaCodec(len(theta), self.cfg.carries_inner_moment, self.cfg.delta_dtype)
+        self.codec = DeltaCodec(len(theta), self.cfg.carries_inner_moment, self.cfg.wire_dtype)
         self.cadence = Cadence.of(self.cfg)
         self.rows: list[dict[str, Any]] = []
         self.snapshots: list[dict[str, Any]] = []

@@ -1,7 +1,7 @@
 """A `DeltaSum` on the wire: the one encoding that parameter-server pushes and the all-reduce use.
 
     vector: delta, then (carried inner state) the sum of the tasks' second-moment estimates,
-            in the precision `delta_dtype` asks for
+            in the precision `delta_dtype` asks for (Config.wire_dtype)
     counts: float64 [tasks, loss_sum, accuracy_sum, moment_steps]
 
 The counts stay float64 whatever the vector's precision (a 16-bit task count or loss sum would
