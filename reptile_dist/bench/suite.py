@@ -160,7 +160,8 @@ def describe(plan: BenchPlan, cfg: Config, params: int, local: float, batched: f
         "delta_dtype": cfg.wire_dtype, "mode": cfg.mode, "workers": cfg.workers,
         "straggler_factor": straggler_factor, "straggler_worker": STRAGGLER_WORKER,
         "straggler": f"worker {STRAGGLER_WORKER} x{straggler_factor:g}" if straggler_factor > 1 else "none",
-        "tasks_per_push": model.tasks_per_push(cfg.mode, cfg.workers, cfg.meta_batch_size, cfg.tasks_per_push), "batched_adaptation": cfg.batched_adaptation,
+        "tasks_per_push": model.tasks_per_push(cfg.mode, cfg.workers, cfg.meta_batch_size, cfg.tasks_per_push),
+        "batched_adaptation": cfg.batched_adaptation,
         "address": plan.cluster, "cpu_count": os.cpu_count() or 0, "warmup_s": plan.warmup,
         "local_tasks_per_s": local, "local_batched_tasks_per_s": batched,
     }
